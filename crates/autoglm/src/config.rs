@@ -1,0 +1,320 @@
+//! Serde mirrors of HF `config.json` files, with HF's defaults, and the
+//! checks that turn them into configs the models can trust.
+//!
+//! A field with the wrong type is a load error that names the field (serde
+//! reports it with line and column); a value that parses but cannot describe
+//! a model (zero heads, a width not divisible by the head count) is refused by
+//! `validate` with the same clarity.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// Activation functions named by HF configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)`: OpenAI CLIP.
+    #[serde(rename = "quick_gelu")]
+    QuickGelu,
+    /// The exact, erf-based GELU.
+    #[serde(rename = "gelu")]
+    Gelu,
+    /// The tanh approximation of GELU.
+    #[serde(rename = "gelu_new", alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
+    GeluTanh,
+    #[serde(rename = "relu")]
+    Relu,
+}
+
+impl Activation {
+    pub fn forward(self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        match self {
+            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Activation::Gelu => x.gelu_erf(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+fn invalid(path: &Path, msg: String) -> Error {
+    Error::Config {
+        path: path.to_path_buf(),
+        msg,
+    }
+}
+
+/// Checks the head layout of one transformer stack.
+fn check_heads(path: &Path, what: &str, hidden: usize, heads: usize, layers: usize) -> Result<()> {
+    if hidden == 0 || heads == 0 || layers == 0 {
+        return Err(invalid(
+            path,
+            format!("{what}: hidden_size, num_attention_heads and num_hidden_layers must be positive"),
+        ));
+    }
+    if hidden % heads != 0 {
+        return Err(invalid(
+            path,
+            format!("{what}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"),
+        ));
+    }
+    Ok(())
+}
+
+/// HF `BertConfig` (the fields an encoder needs).
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_bert_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "default_512")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_2")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_ln_eps_bert")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: usize,
+    #[serde(default = "default_abs")]
+    pub position_embedding_type: String,
+}
+
+fn default_bert_act() -> Activation {
+    Activation::Gelu
+}
+fn default_512() -> usize {
+    512
+}
+fn default_2() -> usize {
+    2
+}
+fn default_ln_eps_bert() -> f64 {
+    1e-12
+}
+fn default_abs() -> String {
+    "absolute".into()
+}
+
+impl BertConfig {
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        check_heads(path, "bert", self.hidden_size, self.num_attention_heads, self.num_hidden_layers)?;
+        if self.position_embedding_type != "absolute" {
+            return Err(invalid(
+                path,
+                format!(
+                    "position_embedding_type `{}` is not supported (only `absolute`)",
+                    self.position_embedding_type
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// HF `CLIPTextConfig`, with HF's defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+    pub eos_token_id: u32,
+    pub pad_token_id: u32,
+}
+
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+            eos_token_id: 49407,
+            pad_token_id: 1,
+        }
+    }
+}
+
+/// HF `CLIPVisionConfig`, with HF's defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+/// HF `CLIPConfig`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipConfig {
+    #[serde(default)]
+    pub text_config: ClipTextConfig,
+    #[serde(default)]
+    pub vision_config: ClipVisionConfig,
+    #[serde(default = "default_proj")]
+    pub projection_dim: usize,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_proj() -> usize {
+    512
+}
+
+impl ClipConfig {
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        if let Some(t) = &self.model_type {
+            if t != "clip" {
+                return Err(invalid(
+                    path,
+                    format!("model_type is `{t}`, expected `clip` (a HF CLIPModel directory)"),
+                ));
+            }
+        }
+        let t = &self.text_config;
+        check_heads(path, "text_config", t.hidden_size, t.num_attention_heads, t.num_hidden_layers)?;
+        let v = &self.vision_config;
+        check_heads(path, "vision_config", v.hidden_size, v.num_attention_heads, v.num_hidden_layers)?;
+        if v.patch_size == 0 || v.image_size < v.patch_size {
+            return Err(invalid(
+                path,
+                format!(
+                    "vision_config: image_size {} must be at least patch_size {} (and patch_size positive)",
+                    v.image_size, v.patch_size
+                ),
+            ));
+        }
+        if self.projection_dim == 0 || t.max_position_embeddings == 0 {
+            return Err(invalid(path, "projection_dim and max_position_embeddings must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// HF image-processor config (`preprocessor_config.json`) of CLIP-style
+/// processors.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageProcessorConfig {
+    #[serde(default)]
+    pub size: Option<SizeSpec>,
+    #[serde(default)]
+    pub crop_size: Option<SizeSpec>,
+    #[serde(default = "default_resample")]
+    pub resample: u32,
+    #[serde(default = "default_true")]
+    pub do_center_crop: bool,
+    #[serde(default = "default_true")]
+    pub do_resize: bool,
+    #[serde(default = "default_true")]
+    pub do_normalize: bool,
+    #[serde(default = "default_true")]
+    pub do_rescale: bool,
+    #[serde(default = "default_rescale")]
+    pub rescale_factor: f64,
+    #[serde(default)]
+    pub image_mean: Option<[f32; 3]>,
+    #[serde(default)]
+    pub image_std: Option<[f32; 3]>,
+}
+
+/// `size` / `crop_size` are a number in older files and a dict in newer ones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeSpec {
+    Int(u32),
+    Dict {
+        shortest_edge: Option<u32>,
+        height: Option<u32>,
+        width: Option<u32>,
+    },
+}
+
+fn default_resample() -> u32 {
+    3
+}
+fn default_true() -> bool {
+    true
+}
+fn default_rescale() -> f64 {
+    1.0 / 255.0
+}
+
+/// OpenAI CLIP's normalisation constants (HF `OPENAI_CLIP_MEAN/STD`).
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_55, 0.261_302_6, 0.275_777_1];
+
+impl ImageProcessorConfig {
+    /// The resolved pipeline for a CLIP image processor.
+    pub fn to_preprocess(&self, path: &Path) -> Result<crate::io::preprocess::Preprocess> {
+        use crate::io::preprocess::{CropRounding, Preprocess, Resample};
+        if !self.do_resize || !self.do_center_crop || !self.do_rescale || !self.do_normalize {
+            return Err(invalid(
+                path,
+                "only processors that resize, center-crop, rescale and normalise are supported".into(),
+            ));
+        }
+        if (self.rescale_factor - 1.0 / 255.0).abs() > 1e-9 {
+            return Err(invalid(path, format!("rescale_factor {} is not 1/255", self.rescale_factor)));
+        }
+        let shortest = match &self.size {
+            Some(SizeSpec::Int(s)) => *s,
+            Some(SizeSpec::Dict { shortest_edge: Some(s), .. }) => *s,
+            _ => return Err(invalid(path, "`size` must be a number or {\"shortest_edge\": N}".into())),
+        };
+        let crop = match &self.crop_size {
+            Some(SizeSpec::Int(s)) => (*s, *s),
+            Some(SizeSpec::Dict { height: Some(h), width: Some(w), .. }) => (*h, *w),
+            None => (shortest, shortest),
+            _ => return Err(invalid(path, "`crop_size` must be a number or {\"height\", \"width\"}".into())),
+        };
+        if shortest == 0 || crop.0 == 0 || crop.1 == 0 {
+            return Err(invalid(path, "size and crop_size must be positive".into()));
+        }
+        let resample = Resample::from_pil_code(self.resample).map_err(|e| invalid(path, e.to_string()))?;
+        Ok(Preprocess {
+            shortest_edge: shortest,
+            resample,
+            crop,
+            crop_rounding: CropRounding::Floor,
+            mean: self.image_mean.unwrap_or(CLIP_MEAN),
+            std: self.image_std.unwrap_or(CLIP_STD),
+        })
+    }
+}

@@ -1,0 +1,125 @@
+//! Image decoding with limits checked before any pixel buffer is allocated.
+//!
+//! PNG, JPEG, WebP and GIF (first frame) are accepted; grayscale and alpha
+//! images become RGB the way PIL's `Image.convert("RGB")` does it (gray is
+//! replicated, alpha is dropped), because that is what the reference
+//! preprocessors of our models do.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use image::{ImageFormat, ImageReader, RgbImage};
+
+use crate::{Error, Result};
+
+/// Limits on what an image may cost to decode.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageLimits {
+    /// Largest width × height accepted.
+    pub max_pixels: u64,
+    /// Largest encoded file accepted, in bytes.
+    pub max_bytes: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        // 64 megapixels (an 8192×8192 image) and 256 MiB of encoded data are
+        // far above any encoder's input size and far below what would exhaust
+        // memory.
+        Self {
+            max_pixels: 64 * 1024 * 1024,
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Reads and decodes the image file at `path`.
+pub fn load(path: &Path, limits: ImageLimits) -> Result<RgbImage> {
+    let name = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| Error::Image {
+        path: name.clone(),
+        msg: format!("cannot read: {e}"),
+    })?;
+    if meta.is_dir() {
+        return Err(Error::Image {
+            path: name,
+            msg: "is a directory, not an image file".into(),
+        });
+    }
+    if meta.len() > limits.max_bytes {
+        return Err(Error::Image {
+            path: name,
+            msg: format!(
+                "file is {} bytes, over the limit of {} bytes",
+                meta.len(),
+                limits.max_bytes
+            ),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::Image {
+        path: name.clone(),
+        msg: format!("cannot read: {e}"),
+    })?;
+    decode(&bytes, &name, limits)
+}
+
+/// Decodes an encoded image held in memory. `name` is used in errors.
+pub fn decode(bytes: &[u8], name: &str, limits: ImageLimits) -> Result<RgbImage> {
+    let err = |msg: String| Error::Image {
+        path: name.to_string(),
+        msg,
+    };
+    if bytes.is_empty() {
+        return Err(err("file is empty".into()));
+    }
+    if bytes.len() as u64 > limits.max_bytes {
+        return Err(err(format!(
+            "{} bytes, over the limit of {} bytes",
+            bytes.len(),
+            limits.max_bytes
+        )));
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| err(format!("cannot read: {e}")))?;
+    let format = match reader.format() {
+        Some(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Gif)) => f,
+        Some(f) => {
+            return Err(err(format!(
+                "{f:?} images are not supported; convert it to PNG, JPEG, WebP or GIF"
+            )))
+        }
+        None => {
+            return Err(err(
+                "not a PNG, JPEG, WebP or GIF image (unrecognised file signature); is it an image file?"
+                    .into(),
+            ))
+        }
+    };
+    // Read only the header first, so a file that claims 50,000×50,000 pixels
+    // is refused before a 7.5 GB buffer is allocated.
+    let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| err(format!("corrupt or truncated {format:?} header: {e}")))?;
+    if w == 0 || h == 0 {
+        return Err(err(format!("has zero size ({w}×{h})")));
+    }
+    let pixels = w as u64 * h as u64;
+    if pixels > limits.max_pixels {
+        return Err(err(format!(
+            "{w}×{h} = {pixels} pixels is over the limit of {} pixels; raise it with --max-pixels if the image is trusted",
+            limits.max_pixels
+        )));
+    }
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut lim = image::Limits::default();
+    lim.max_image_width = Some(w);
+    lim.max_image_height = Some(h);
+    // Room for a 16-bit RGBA frame plus the decoder's own buffers.
+    lim.max_alloc = Some(pixels * 8 + (64 << 20));
+    reader.limits(lim);
+    let img = reader
+        .decode()
+        .map_err(|e| err(format!("corrupt or truncated {format:?} data: {e}")))?;
+    Ok(img.into_rgb8())
+}

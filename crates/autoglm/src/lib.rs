@@ -1,0 +1,30 @@
+//! Open-AutoGLM: vision-language understanding in Rust.
+//!
+//! The library is laid out by concern (see `DESIGN.md` in the shared docs and
+//! the README's architecture section):
+//! - [`io`]: safetensors weights, image decoding with limits, preprocessing
+//!   that matches PIL/torchvision pixel for pixel, the asset cache.
+//! - [`text`]: tokenizers and text encoders (BERT/MiniLM, CLIP text tower).
+//! - [`vision`]: vision encoders (EfficientNet-Lite0, CLIP ViT).
+//! - [`dual`]: the dual-tower image/text model (CLIP layout), zero-shot.
+
+pub mod config;
+pub mod dual;
+pub mod error;
+pub mod io;
+pub mod text;
+pub mod vision;
+
+pub use error::{Error, Result};
+
+/// The device the library runs on: CUDA when built with the `cuda` feature and
+/// a GPU is present, the CPU otherwise.
+pub fn default_device() -> Result<candle_core::Device> {
+    #[cfg(feature = "cuda")]
+    {
+        if candle_core::utils::cuda_is_available() {
+            return Ok(candle_core::Device::new_cuda(0)?);
+        }
+    }
+    Ok(candle_core::Device::Cpu)
+}

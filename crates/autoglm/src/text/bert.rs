@@ -1,0 +1,257 @@
+//! BERT encoder (HF `BertModel` layout) and the sentence-transformers
+//! embedding pipeline around it: mean pooling over real tokens, then L2
+//! normalisation, as all-MiniLM-L6-v2's `modules.json` prescribes.
+//!
+//! Reference: transformers `models/bert/modeling_bert.py` (post-LN encoder),
+//! sentence-transformers `models/Pooling.py` and `models/Normalize.py`.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, Module, VarBuilder};
+
+use crate::config::{Activation, BertConfig};
+use crate::io::weights::Safetensors;
+use crate::text::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+struct Embeddings {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    norm: LayerNorm,
+}
+
+impl Embeddings {
+    fn new(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        Ok(Self {
+            word: embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("word_embeddings"))?,
+            position: embedding(cfg.max_position_embeddings, cfg.hidden_size, vb.pp("position_embeddings"))?,
+            token_type: embedding(cfg.type_vocab_size, cfg.hidden_size, vb.pp("token_type_embeddings"))?,
+            norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
+        })
+    }
+
+    /// # Shapes
+    /// `ids`: (B, T) u32 → (B, T, H)
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
+        let pos = Tensor::arange(0u32, t as u32, ids.device())?;
+        let x = self.word.forward(ids)?;
+        let x = x.broadcast_add(&self.position.forward(&pos)?)?;
+        // Single-segment input: token type 0 everywhere.
+        let tt = self.token_type.embeddings().get(0)?;
+        let x = x.broadcast_add(&tt)?;
+        Ok(self.norm.forward(&x)?)
+    }
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    up: Linear,
+    down: Linear,
+    out_norm: LayerNorm,
+    heads: usize,
+    act: Activation,
+}
+
+impl Layer {
+    fn new(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let a = vb.pp("attention");
+        Ok(Self {
+            q: linear(h, h, a.pp("self").pp("query"))?,
+            k: linear(h, h, a.pp("self").pp("key"))?,
+            v: linear(h, h, a.pp("self").pp("value"))?,
+            attn_out: linear(h, h, a.pp("output").pp("dense"))?,
+            attn_norm: layer_norm(h, cfg.layer_norm_eps, a.pp("output").pp("LayerNorm"))?,
+            up: linear(h, cfg.intermediate_size, vb.pp("intermediate").pp("dense"))?,
+            down: linear(cfg.intermediate_size, h, vb.pp("output").pp("dense"))?,
+            out_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("output").pp("LayerNorm"))?,
+            heads: cfg.num_attention_heads,
+            act: cfg.hidden_act,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: (B, T, H); `bias`: (B, 1, 1, T) additive mask → (B, T, H)
+    fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let hd = h / self.heads;
+        let split = |y: Tensor| -> Result<Tensor> {
+            // (B, T, H) → (B, nh, T, hd)
+            Ok(y.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split((self.q.forward(x)? * (1.0 / (hd as f64).sqrt()))?)?;
+        let k = split(self.k.forward(x)?)?;
+        let v = split(self.v.forward(x)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?; // (B, nh, T, T)
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let x = self.attn_norm.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
+        let y = self.down.forward(&self.act.forward(&self.up.forward(&x)?)?)?;
+        Ok(self.out_norm.forward(&(y + x)?)?)
+    }
+}
+
+/// The BERT encoder: embeddings and the post-LN transformer layers.
+pub struct Bert {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    pub config: BertConfig,
+}
+
+impl Bert {
+    pub fn new(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        // Checkpoints saved from `BertForX` carry a `bert.` prefix.
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else {
+            vb
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(vb.pp("encoder").pp("layer").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings: Embeddings::new(vb.pp("embeddings"), cfg)?,
+            layers,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Last hidden states.
+    ///
+    /// # Shapes
+    /// `ids`, `mask`: (B, T) u32 → (B, T, H)
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "input of {t} tokens exceeds the model's {} positions",
+                self.config.max_position_embeddings
+            )));
+        }
+        // 0 where attended, a large negative number at padding (HF uses the
+        // dtype's minimum; any value that underflows exp() gives the same).
+        let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
+        let mut x = self.embeddings.forward(ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &bias)?;
+        }
+        Ok(x)
+    }
+}
+
+/// Mean of the token vectors where `mask` is 1.
+///
+/// # Shapes
+/// `hidden`: (B, T, H), `mask`: (B, T) → (B, H)
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?; // (B, T, 1)
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    // sentence-transformers clamps the count at 1e-9.
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+    Ok(sum.broadcast_div(&count)?)
+}
+
+/// Rows divided by their L2 norm (`F.normalize(x, p=2, dim=1)`, eps 1e-12).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    Ok(x.broadcast_div(&n)?)
+}
+
+/// A sentence-transformers model: BERT + mean pooling + L2 normalisation,
+/// loaded from a sentence-transformers directory (all-MiniLM-L6-v2).
+pub struct SentenceEncoder {
+    bert: Bert,
+    tokenizer: Tokenizer,
+    pad_id: u32,
+    device: Device,
+}
+
+#[derive(serde::Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+}
+
+impl SentenceEncoder {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Missing {
+                path: dir.to_path_buf(),
+                hint: "no such model directory (the default MiniLM comes from scripts/fetch-assets.sh --only minilm)".into(),
+            });
+        }
+        let cfg_path = dir.join("config.json");
+        let cfg: BertConfig = crate::io::read_json(&cfg_path)?;
+        cfg.validate(&cfg_path)?;
+        let st_path = dir.join("sentence_bert_config.json");
+        let max_seq = if st_path.is_file() {
+            crate::io::read_json::<SentenceBertConfig>(&st_path)?.max_seq_length
+        } else {
+            cfg.max_position_embeddings
+        }
+        .min(cfg.max_position_embeddings);
+        let pool_path = dir.join("1_Pooling").join("config.json");
+        if pool_path.is_file() && !crate::io::read_json::<PoolingConfig>(&pool_path)?.pooling_mode_mean_tokens {
+            return Err(Error::Config {
+                path: pool_path,
+                msg: "only mean pooling is supported".into(),
+            });
+        }
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), max_seq)?;
+        let vb = Safetensors::open_dir(dir)?.var_builder(DType::F32, device);
+        let bert = Bert::new(vb, &cfg)?;
+        let pad_id = cfg.pad_token_id as u32;
+        Ok(Self {
+            bert,
+            tokenizer,
+            pad_id,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.bert.config.hidden_size
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Unit-length embeddings of `texts`, `(N, H)`.
+    ///
+    /// Texts are encoded in batches of `batch_size`, sorted by length first
+    /// (as sentence-transformers does) so little compute is spent on padding;
+    /// the rows come back in input order.
+    pub fn embed(&self, texts: &[&str], batch_size: usize) -> Result<Tensor> {
+        if texts.is_empty() {
+            return Err(Error::Invalid("no texts to embed".into()));
+        }
+        let seqs = texts.iter().map(|t| self.tokenizer.encode(t)).collect::<Result<Vec<_>>>()?;
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+        let mut out: Vec<Option<Tensor>> = vec![None; seqs.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
+            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| seqs[i].clone()).collect();
+            let b = Tokenizer::pad(&batch, self.pad_id, &self.device)?;
+            let hidden = self.bert.forward(&b.ids, &b.mask)?;
+            let emb = l2_normalize(&mean_pool(&hidden, &b.mask)?)?;
+            for (row, &i) in chunk.iter().enumerate() {
+                out[i] = Some(emb.get(row)?);
+            }
+        }
+        let rows: Vec<Tensor> = out.into_iter().map(|t| t.expect("every row embedded")).collect();
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+}

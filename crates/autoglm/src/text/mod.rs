@@ -1,0 +1,5 @@
+//! Text: tokenizers and text encoders.
+
+pub mod bert;
+pub mod clip_text;
+pub mod tokenizer;

@@ -1,0 +1,5 @@
+//! Vision encoders.
+
+pub mod depthwise;
+pub mod efficientnet;
+pub mod vit;
