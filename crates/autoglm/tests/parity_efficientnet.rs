@@ -1,0 +1,64 @@
+//! EfficientNet-Lite0 against the PyTorch reference (fixtures made by
+//! tools/reference/preprocess_and_efficientnet.py).
+
+mod common;
+
+use autoglm::io::image::{load, ImageLimits};
+use autoglm::vision::efficientnet::ImageClassifier;
+use candle_core::Device;
+use common::*;
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    photos: Vec<String>,
+    top5: std::collections::HashMap<String, Vec<(usize, String, f32)>>,
+}
+
+#[test]
+fn logits_and_top5_match_pytorch_on_every_photo() {
+    let dev = Device::Cpu;
+    let clf = ImageClassifier::load(&asset("efficientnet-lite0"), &asset("imagenet").join("labels.txt"), &dev).unwrap();
+    let r: Reference =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("efficientnet/reference.json")).unwrap()).unwrap();
+    let want = &load_fixture(&fixtures().join("efficientnet/logits.safetensors"))["logits"];
+    let photos = asset("photos");
+    let images: Vec<_> = r.photos.iter().map(|p| load(&photos.join(p), ImageLimits::default()).unwrap()).collect();
+    let got = clf.logits(&images).unwrap();
+    for (i, name) in r.photos.iter().enumerate() {
+        let d = max_abs_diff(&got.get(i).unwrap(), &want.get(i).unwrap());
+        eprintln!("{name}: max |Δlogit| = {d:.2e}");
+        assert!(d < 1e-3, "{name}: logits differ by {d}");
+    }
+    let top = clf.top_k(&images, 5).unwrap();
+    for (name, preds) in r.photos.iter().zip(&top) {
+        let ours: Vec<usize> = preds.iter().map(|p| p.index).collect();
+        let theirs: Vec<usize> = r.top5[name].iter().map(|t| t.0).collect();
+        assert_eq!(ours, theirs, "{name}: top-5 differs");
+    }
+    // A sanity anchor beyond parity: the cat photo is a cat, the coffee is espresso.
+    assert!(top[0][0].label.contains("cat"), "{:?}", top[0][0]);
+    assert_eq!(top[1][0].label, "espresso");
+}
+
+#[test]
+fn stage_features_have_the_documented_shapes() {
+    let dev = Device::Cpu;
+    let clf = ImageClassifier::load(&asset("efficientnet-lite0"), &asset("imagenet").join("labels.txt"), &dev).unwrap();
+    let img = load(&asset("photos").join("chelsea.png"), ImageLimits::default()).unwrap();
+    let x = clf.preprocess.batch(&[img], &dev).unwrap();
+    let f = clf.model.forward_features(&x).unwrap();
+    let shapes: Vec<Vec<usize>> = f.stages.iter().map(|t| t.dims().to_vec()).collect();
+    assert_eq!(
+        shapes,
+        vec![
+            vec![1, 16, 112, 112],
+            vec![1, 24, 56, 56],
+            vec![1, 40, 28, 28],
+            vec![1, 80, 14, 14],
+            vec![1, 112, 14, 14],
+            vec![1, 192, 7, 7],
+            vec![1, 320, 7, 7]
+        ]
+    );
+    assert_eq!(f.pooled.dims(), &[1, 1280]);
+}
