@@ -1,1 +1,124 @@
-fn main(){}
+//! `autoglm`: the command-line interface of Open-AutoGLM.
+//!
+//! Every command prints human-readable output by default and one JSON
+//! document on stdout with `--json`; logs go to stderr. The exit code is 0
+//! only on success; errors are one line saying what was wrong and what to do.
+
+mod bench;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "autoglm", version, about = "Open-AutoGLM: vision-language understanding in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    global: Global,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Print one JSON document on stdout instead of human-readable text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// CPU threads for the models (sets RAYON_NUM_THREADS unless already set).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Largest image accepted, in pixels (width × height); raise it only for
+    /// trusted images.
+    #[arg(long, global = true, default_value_t = autoglm::io::image::ImageLimits::default().max_pixels)]
+    max_pixels: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the installed assets (weights and data) and where they are.
+    Assets {
+        #[command(subcommand)]
+        command: AssetsCommand,
+    },
+    /// Embed texts (MiniLM) or images (EfficientNet-Lite0 features, or a CLIP model).
+    Embed {
+        #[command(subcommand)]
+        command: EmbedCommand,
+    },
+    /// Classify images into the 1,000 ImageNet classes (EfficientNet-Lite0).
+    Classify(commands::ClassifyArgs),
+    /// Zero-shot classification of images against free-text labels with a CLIP model.
+    ZeroShot(commands::ZeroShotArgs),
+    /// Benchmarks (speed against PyTorch on the same inputs and threads).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AssetsCommand {
+    /// List every asset, whether it is installed, its path and size.
+    List,
+}
+
+#[derive(Subcommand)]
+enum EmbedCommand {
+    /// Sentence embeddings (unit length) with all-MiniLM-L6-v2 or another
+    /// sentence-transformers BERT directory.
+    Text(commands::EmbedTextArgs),
+    /// Image embeddings (unit length): a CLIP model's with --model, else
+    /// EfficientNet-Lite0's pooled features.
+    Image(commands::EmbedImageArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// EfficientNet-Lite0 images/s (batch 1, 32) and MiniLM sentences/s
+    /// (batch 1, 64), beside PyTorch when --python is given.
+    Encoders(bench::EncodersArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Benchmarks default to 2 threads, so that numbers compare across machines.
+    let threads = cli.global.threads.or(matches!(cli.command, Command::Bench { .. }).then_some(2));
+    if let Some(t) = threads {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            // Before any thread pool exists: candle and our kernels read it.
+            std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let g = &cli.global;
+    let result = match cli.command {
+        Command::Assets {
+            command: AssetsCommand::List,
+        } => commands::assets_list(g),
+        Command::Embed {
+            command: EmbedCommand::Text(a),
+        } => commands::embed_text(g, a),
+        Command::Embed {
+            command: EmbedCommand::Image(a),
+        } => commands::embed_image(g, a),
+        Command::Classify(a) => commands::classify(g, a),
+        Command::ZeroShot(a) => commands::zero_shot(g, a),
+        Command::Bench {
+            command: BenchCommand::Encoders(a),
+        } => bench::encoders(g, a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -225,6 +225,10 @@ impl SentenceEncoder {
         self.bert.config.hidden_size
     }
 
+    pub fn config(&self) -> &BertConfig {
+        &self.bert.config
+    }
+
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }

@@ -331,3 +331,27 @@ impl ImageClassifier {
             .collect())
     }
 }
+
+impl EfficientNetConfig {
+    /// Multiply-accumulates of one forward pass at `image_size`² (convs and
+    /// the classifier; BN is folded away), for GFLOP/s figures.
+    pub fn macs(&self) -> u64 {
+        let mut hw = self.image_size.div_ceil(2); // after the stride-2 stem
+        let mut total = (hw * hw * self.stem * 27) as u64;
+        for st in &self.stages {
+            for r in 0..st.repeats {
+                let (cin, stride) = if r == 0 { (st.input, st.stride) } else { (st.output, 1) };
+                let mid = cin * st.expand;
+                if st.expand != 1 {
+                    total += (hw * hw * cin * mid) as u64;
+                }
+                let out = hw.div_ceil(stride);
+                total += (out * out * mid * st.kernel * st.kernel) as u64;
+                total += (out * out * mid * st.output) as u64;
+                hw = out;
+            }
+        }
+        let last = self.stages.last().map(|s| s.output).unwrap_or(self.stem);
+        total + (hw * hw * last * self.head) as u64 + (self.head * self.num_classes) as u64
+    }
+}

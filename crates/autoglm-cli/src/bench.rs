@@ -1,0 +1,191 @@
+//! `autoglm bench encoders`: our encoders' throughput beside PyTorch's on the
+//! same inputs and thread count, in one run, plus the fraction of the
+//! machine's measured f32 GEMM peak each reaches.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use autoglm::io::assets;
+use autoglm::text::bert::SentenceEncoder;
+use autoglm::vision::efficientnet::EfficientNet;
+use candle_core::{Device, Tensor};
+use clap::Args;
+use serde_json::json;
+
+use crate::Global;
+
+#[derive(Args)]
+pub struct EncodersArgs {
+    /// A Python interpreter with torch, efficientnet-lite-pytorch and
+    /// sentence-transformers (e.g. a virtualenv's bin/python); when given,
+    /// PyTorch is measured on the same inputs in the same run.
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// The PyTorch side's script.
+    #[arg(long, default_value = "tools/reference/bench_encoders.py")]
+    script: PathBuf,
+    /// Seconds spent timing each case (after one warm-up run).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+}
+
+/// Median seconds per call of `f`.
+fn time_it(seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || start.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// f32 GEMM GFLOP/s of candle on this machine (1024³, median).
+fn gemm_peak(seconds: f64) -> Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let s = time_it(seconds.min(2.0), || {
+        a.matmul(&b)?;
+        Ok(())
+    })?;
+    Ok(2.0 * (n * n * n) as f64 / s / 1e9)
+}
+
+/// MiniLM multiply-accumulates for one padded batch.
+fn bert_macs(cfg: &autoglm::config::BertConfig, batch: usize, t: usize) -> f64 {
+    let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
+    let t = t as f64;
+    let per_layer = 4.0 * t * h * h + 2.0 * t * h * i + 2.0 * t * t * h;
+    batch as f64 * cfg.num_hidden_layers as f64 * per_layer
+}
+
+pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let dev = Device::Cpu;
+    eprintln!("measuring on {threads} threads (set with --threads or RAYON_NUM_THREADS)…");
+
+    // Inputs: the sample photos cycled to 32, the fixture sentences cycled to 64.
+    let photos = assets::dir("photos")?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&photos)?.flatten().map(|e| e.path()).collect();
+    files.sort();
+    let imgs = crate::commands::load_images(g, &files)?;
+    let eff = EfficientNet::load(&assets::dir("efficientnet-lite0")?, &dev)?;
+    let pre = eff.config.preprocess();
+    let cycled: Vec<_> = (0..32).map(|i| imgs[i % imgs.len()].clone()).collect();
+    let pixels = pre.batch(&cycled, &dev)?;
+    let sentences: Vec<String> = {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/minilm/sentences.json");
+        let all: Vec<String> = match std::fs::read_to_string(&p) {
+            Ok(s) => serde_json::from_str(&s)?,
+            Err(_) => vec!["A man is eating food.".into(), "The girl is carrying a baby.".into()],
+        };
+        // Everyday sentences only (the fixture's last one is a 256-token stress case).
+        let short: Vec<String> = all.into_iter().filter(|s| s.len() < 200).collect();
+        (0..64).map(|i| short[i % short.len()].clone()).collect()
+    };
+    let enc = SentenceEncoder::load(&assets::dir("minilm")?, &dev)?;
+    let refs: Vec<&str> = sentences.iter().map(String::as_str).collect();
+
+    let peak = gemm_peak(a.seconds)?;
+    let p1 = pixels.narrow(0, 0, 1)?;
+    let ours = [
+        time_it(a.seconds, || { eff.forward(&p1)?; Ok(()) })?,
+        time_it(a.seconds, || { eff.forward(&pixels)?; Ok(()) })?,
+        time_it(a.seconds, || { enc.embed(&refs[..1], 1)?; Ok(()) })?,
+        time_it(a.seconds, || { enc.embed(&refs, 64)?; Ok(()) })?,
+    ];
+
+    // The same inputs for PyTorch.
+    let torch: Option<serde_json::Value> = match &a.python {
+        None => None,
+        Some(py) => {
+            let dir = std::env::temp_dir().join(format!("autoglm-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            candle_core::safetensors::save(
+                &std::collections::HashMap::from([("pixels".to_string(), pixels.clone())]),
+                dir.join("pixels_b32.safetensors"),
+            )?;
+            std::fs::write(dir.join("sentences.json"), serde_json::to_string(&sentences)?)?;
+            eprintln!("measuring PyTorch with {}…", py.display());
+            let out = Command::new(py)
+                .arg(&a.script)
+                .args(["--dir", dir.to_str().unwrap_or_default()])
+                .args(["--threads", &threads.to_string(), "--seconds", &a.seconds.to_string()])
+                .output()
+                .with_context(|| format!("running {}", py.display()))?;
+            let _ = std::fs::remove_dir_all(&dir);
+            if !out.status.success() {
+                bail!(
+                    "the PyTorch benchmark failed: {}",
+                    String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+                );
+            }
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let last = stdout.lines().last().unwrap_or("");
+            Some(serde_json::from_str(last).with_context(|| format!("reading the PyTorch results: {last}"))?)
+        }
+    };
+
+    let eff_gflop = 2.0 * eff.config.macs() as f64 / 1e9;
+    let max_len = refs.iter().map(|s| enc.tokenizer().encode(s).map(|t| t.len()).unwrap_or(0)).max().unwrap_or(1);
+    let first_len = enc.tokenizer().encode(refs[0])?.len();
+    let cfg = &enc_config(&enc);
+    let cases = [
+        ("EfficientNet-Lite0", "images/s", 1usize, ours[0], "effnet_b1", eff_gflop),
+        ("EfficientNet-Lite0", "images/s", 32, ours[1], "effnet_b32", 32.0 * eff_gflop),
+        ("MiniLM-L6", "sentences/s", 1, ours[2], "minilm_b1", 2.0 * bert_macs(cfg, 1, first_len) / 1e9),
+        // Upper bound: every row padded to the longest sentence.
+        ("MiniLM-L6", "sentences/s", 64, ours[3], "minilm_b64", 2.0 * bert_macs(cfg, 64, max_len) / 1e9),
+    ];
+    let rows: Vec<_> = cases
+        .iter()
+        .map(|(model, unit, batch, secs, key, gflop)| {
+            let torch_s = torch.as_ref().and_then(|t| t[key].as_f64());
+            json!({
+                "model": model, "unit": unit, "batch": batch,
+                "ours_per_s": *batch as f64 / secs,
+                "torch_per_s": torch_s.map(|s| *batch as f64 / s),
+                "ratio": torch_s.map(|s| s / secs),
+                "gemm_fraction": gflop / secs / peak,
+            })
+        })
+        .collect();
+    if g.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "threads": threads, "gemm_peak_gflops": peak, "torch": torch, "results": rows
+            }))?
+        );
+        return Ok(());
+    }
+    println!("threads: {threads}; candle f32 GEMM (1024³): {peak:.1} GFLOP/s");
+    if let Some(t) = &torch {
+        println!("PyTorch {} on {} threads", t["torch"].as_str().unwrap_or("?"), t["threads"]);
+    }
+    println!("{:<20} {:>5} {:>14} {:>14} {:>8} {:>10}", "model", "batch", "ours", "PyTorch", "ratio", "GEMM peak");
+    for r in &rows {
+        let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.1}")).unwrap_or_else(|| "—".into());
+        println!(
+            "{:<20} {:>5} {:>14} {:>14} {:>8} {:>9.0}%",
+            r["model"].as_str().unwrap_or(""),
+            r["batch"],
+            format!("{} {}", f(&r["ours_per_s"]), if r["unit"] == "images/s" { "img/s" } else { "sent/s" }),
+            f(&r["torch_per_s"]),
+            r["ratio"].as_f64().map(|x| format!("{x:.2}×")).unwrap_or_else(|| "—".into()),
+            r["gemm_fraction"].as_f64().unwrap_or(0.0) * 100.0
+        );
+    }
+    println!("ratio = our throughput / PyTorch's (>1: we are faster)");
+    Ok(())
+}
+
+fn enc_config(enc: &SentenceEncoder) -> autoglm::config::BertConfig {
+    enc.config().clone()
+}
