@@ -6,12 +6,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{linear_no_bias, Linear, Module, VarBuilder};
+use candle_nn::VarBuilder;
 use image::RgbImage;
 
 use crate::config::{ClipConfig, ImageProcessorConfig};
 use crate::io::preprocess::Preprocess;
 use crate::io::weights::Safetensors;
+use crate::nn::{linear_no_bias, Linear};
 use crate::text::bert::l2_normalize;
 use crate::text::clip_text::ClipText;
 use crate::text::tokenizer::Tokenizer;

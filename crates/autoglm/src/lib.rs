@@ -12,6 +12,8 @@ pub mod config;
 pub mod dual;
 pub mod error;
 pub mod io;
+pub mod nn;
+pub mod ops;
 pub mod text;
 pub mod vision;
 

@@ -62,3 +62,19 @@ fn batched_equals_one_by_one() {
         assert!(d < 1e-5, "sentence {i}: batched differs from alone by {d}");
     }
 }
+
+/// The packed, unpadded path equals the padded, masked one.
+#[test]
+fn unpadded_equals_padded_masked_forward() {
+    use autoglm::text::bert::{l2_normalize, mean_pool};
+    use autoglm::text::tokenizer::Tokenizer;
+    let enc = SentenceEncoder::load(&asset("minilm"), &Device::Cpu).unwrap();
+    let s = sentences();
+    let seqs: Vec<Vec<u32>> = s.iter().map(|t| enc.tokenizer().encode(t).unwrap()).collect();
+    let b = Tokenizer::pad(&seqs, enc.pad_id(), &Device::Cpu).unwrap();
+    let hidden = enc.bert().forward(&b.ids, &b.mask).unwrap();
+    let padded = l2_normalize(&mean_pool(&hidden, &b.mask).unwrap()).unwrap();
+    let packed = l2_normalize(&enc.bert().pooled_unpadded(&seqs).unwrap()).unwrap();
+    let d = max_abs_diff(&padded, &packed);
+    assert!(d < 1e-5, "packed vs padded: {d}");
+}

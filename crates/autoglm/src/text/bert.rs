@@ -8,10 +8,12 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Module, VarBuilder};
 
 use crate::config::{Activation, BertConfig};
 use crate::io::weights::Safetensors;
+use crate::nn::{linear, Linear};
+use crate::ops::Act;
 use crate::text::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -60,6 +62,15 @@ struct Layer {
 }
 
 impl Layer {
+    /// The up projection and its activation; bias and exact GELU are fused
+    /// on the CPU (see [`crate::ops`]).
+    fn intermediate(&self, x: &Tensor) -> Result<Tensor> {
+        match self.act {
+            Activation::Gelu => self.up.forward_act(x, Act::GeluErf),
+            other => Ok(other.forward(&self.up.forward(x)?)?),
+        }
+    }
+
     fn new(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         let h = cfg.hidden_size;
         let a = vb.pp("attention");
@@ -93,7 +104,36 @@ impl Layer {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         let x = self.attn_norm.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
-        let y = self.down.forward(&self.act.forward(&self.up.forward(&x)?)?)?;
+        let y = self.down.forward(&self.intermediate(&x)?)?;
+        Ok(self.out_norm.forward(&(y + x)?)?)
+    }
+
+    /// The same layer over packed, unpadded sequences: the dense parts run
+    /// on all real tokens at once, attention runs per group of equal-length
+    /// sequences (so it needs no mask).
+    ///
+    /// # Shapes
+    /// `x`: (N, H) with N = Σ mᵢ·Lᵢ, rows ordered by `groups` of
+    /// (first row, m sequences, length L) → (N, H)
+    fn forward_packed(&self, x: &Tensor, groups: &[(usize, usize, usize)]) -> Result<Tensor> {
+        let h = x.dim(1)?;
+        let hd = h / self.heads;
+        let q = (self.q.forward(x)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = self.k.forward(x)?;
+        let v = self.v.forward(x)?;
+        let mut ctx = Vec::with_capacity(groups.len());
+        for &(start, m, l) in groups {
+            let split = |y: &Tensor| -> Result<Tensor> {
+                // (m·L, H) → (m, nh, L, hd)
+                Ok(y.narrow(0, start, m * l)?.reshape((m, l, self.heads, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let (q, k, v) = (split(&q)?, split(&k)?, split(&v)?);
+            let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?; // (m, nh, L, L)
+            ctx.push(probs.matmul(&v)?.transpose(1, 2)?.reshape((m * l, h))?);
+        }
+        let ctx = Tensor::cat(&ctx, 0)?;
+        let x = self.attn_norm.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
+        let y = self.down.forward(&self.intermediate(&x)?)?;
         Ok(self.out_norm.forward(&(y + x)?)?)
     }
 }
@@ -146,6 +186,69 @@ impl Bert {
     }
 }
 
+impl Bert {
+    /// Mean-pooled last hidden states of unpadded sequences, `(S, H)` in
+    /// input order.
+    ///
+    /// Padding a batch to its longest sentence wastes the compute of every
+    /// pad token (half of it for typical mixed-length batches). Here the
+    /// sequences are packed: linears, norms and the MLP run on real tokens
+    /// only, and attention runs per group of equal length. The result equals
+    /// the padded, masked forward (tested).
+    pub fn pooled_unpadded(&self, seqs: &[Vec<u32>]) -> Result<Tensor> {
+        if seqs.is_empty() {
+            return Err(Error::Invalid("no sequences to encode".into()));
+        }
+        let max = self.config.max_position_embeddings;
+        if let Some(s) = seqs.iter().find(|s| s.is_empty() || s.len() > max) {
+            return Err(Error::Invalid(format!(
+                "a sequence of {} tokens is outside 1..={max}",
+                s.len()
+            )));
+        }
+        // Group by length; rows are laid out group by group.
+        let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (i, s) in seqs.iter().enumerate() {
+            by_len.entry(s.len()).or_default().push(i);
+        }
+        let (mut ids, mut pos, mut groups, mut order) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (&l, members) in &by_len {
+            groups.push((ids.len(), members.len(), l));
+            for &i in members {
+                ids.extend_from_slice(&seqs[i]);
+                pos.extend(0..l as u32);
+                order.push(i);
+            }
+        }
+        let dev = self.embeddings.word.embeddings().device();
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, n, dev)?;
+        let pos = Tensor::from_vec(pos, n, dev)?;
+        let e = &self.embeddings;
+        let x = e.word.forward(&ids)?.add(&e.position.forward(&pos)?)?;
+        let x = x.broadcast_add(&e.token_type.embeddings().get(0)?)?;
+        let mut x = e.norm.forward(&x)?;
+        for layer in &self.layers {
+            x = layer.forward_packed(&x, &groups)?;
+        }
+        // Mean over each sequence's rows, then back to input order.
+        let mut pooled: Vec<Option<Tensor>> = vec![None; seqs.len()];
+        let mut g_rows = Vec::with_capacity(groups.len());
+        for &(start, m, l) in &groups {
+            g_rows.push(x.narrow(0, start, m * l)?.reshape((m, l, ()))?.mean(1)?);
+        }
+        let mut k = 0;
+        for (gi, &(_, m, _)) in groups.iter().enumerate() {
+            for r in 0..m {
+                pooled[order[k]] = Some(g_rows[gi].get(r)?);
+                k += 1;
+            }
+        }
+        let rows: Vec<Tensor> = pooled.into_iter().map(|t| t.expect("every sequence pooled")).collect();
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+}
+
 /// Mean of the token vectors where `mask` is 1.
 ///
 /// # Shapes
@@ -170,7 +273,6 @@ pub struct SentenceEncoder {
     bert: Bert,
     tokenizer: Tokenizer,
     pad_id: u32,
-    device: Device,
 }
 
 #[derive(serde::Deserialize)]
@@ -217,12 +319,21 @@ impl SentenceEncoder {
             bert,
             tokenizer,
             pad_id,
-            device: device.clone(),
         })
     }
 
     pub fn dim(&self) -> usize {
         self.bert.config.hidden_size
+    }
+
+    /// The encoder, e.g. for its padded, masked [`Bert::forward`].
+    pub fn bert(&self) -> &Bert {
+        &self.bert
+    }
+
+    /// The id padded batches use.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -235,27 +346,17 @@ impl SentenceEncoder {
 
     /// Unit-length embeddings of `texts`, `(N, H)`.
     ///
-    /// Texts are encoded in batches of `batch_size`, sorted by length first
-    /// (as sentence-transformers does) so little compute is spent on padding;
-    /// the rows come back in input order.
+    /// Texts are encoded `batch_size` at a time, packed without padding
+    /// ([`Bert::pooled_unpadded`]).
     pub fn embed(&self, texts: &[&str], batch_size: usize) -> Result<Tensor> {
         if texts.is_empty() {
             return Err(Error::Invalid("no texts to embed".into()));
         }
         let seqs = texts.iter().map(|t| self.tokenizer.encode(t)).collect::<Result<Vec<_>>>()?;
-        let mut order: Vec<usize> = (0..seqs.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
-        let mut out: Vec<Option<Tensor>> = vec![None; seqs.len()];
-        for chunk in order.chunks(batch_size.max(1)) {
-            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| seqs[i].clone()).collect();
-            let b = Tokenizer::pad(&batch, self.pad_id, &self.device)?;
-            let hidden = self.bert.forward(&b.ids, &b.mask)?;
-            let emb = l2_normalize(&mean_pool(&hidden, &b.mask)?)?;
-            for (row, &i) in chunk.iter().enumerate() {
-                out[i] = Some(emb.get(row)?);
-            }
+        let mut out = Vec::new();
+        for chunk in seqs.chunks(batch_size.max(1)) {
+            out.push(l2_normalize(&self.bert.pooled_unpadded(chunk)?)?);
         }
-        let rows: Vec<Tensor> = out.into_iter().map(|t| t.expect("every row embedded")).collect();
-        Ok(Tensor::stack(&rows, 0)?)
+        Ok(Tensor::cat(&out, 0)?)
     }
 }

@@ -16,6 +16,7 @@ use image::RgbImage;
 use super::depthwise::{same_padding, DepthwiseConv};
 use crate::io::preprocess::{CropRounding, Preprocess, Resample};
 use crate::io::weights::Safetensors;
+use crate::ops::{bias_act, Act};
 use crate::{Error, Result};
 
 /// One stage of repeated MBConv blocks (TF's `r2_k3_s22_e6_i16_o24`).
@@ -97,8 +98,8 @@ impl Pointwise {
     /// `x`: (B, H, W, C_in) → (B, H, W, C_out)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
-        let y = x.reshape((b * h * w, c))?.matmul(&self.w)?.broadcast_add(&self.b)?;
-        let y = if self.relu6 { y.clamp(0f32, 6f32)? } else { y };
+        let y = x.reshape((b * h * w, c))?.matmul(&self.w)?;
+        let y = bias_act(&y, &self.b, if self.relu6 { Act::Relu6 } else { Act::None })?;
         Ok(y.reshape((b, h, w, self.w.dim(1)?))?)
     }
 }
@@ -234,9 +235,8 @@ impl EfficientNet {
             .pad_with_zeros(2, pt, pb)?
             .pad_with_zeros(3, pl, pr)?
             .conv2d(&self.stem_w, 0, 2, 1, 1)?
-            .broadcast_add(&self.stem_b.reshape((1, (), 1, 1))?)?
-            .clamp(0f32, 6f32)?;
-        Ok(y.permute((0, 2, 3, 1))?.contiguous()?)
+            .permute((0, 2, 3, 1))?;
+        bias_act(&y, &self.stem_b, Act::Relu6)
     }
 
     /// Stage feature maps and pooled features.

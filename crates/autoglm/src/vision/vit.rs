@@ -6,9 +6,11 @@
 //! `CLIPVisionTransformer`).
 
 use candle_core::{Tensor, D};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, Module, VarBuilder};
 
 use crate::config::{Activation, ClipVisionConfig};
+use crate::nn::{linear, Linear};
+use crate::ops::Act;
 use crate::{Error, Result};
 
 /// Multi-head self-attention with biased q/k/v/out projections.
@@ -76,7 +78,12 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln1.forward(x)?, bias)?)?;
-        let y = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.ln2.forward(&x)?)?)?)?;
+        let h = self.ln2.forward(&x)?;
+        let h = match self.act {
+            Activation::Gelu => self.fc1.forward_act(&h, Act::GeluErf)?,
+            other => other.forward(&self.fc1.forward(&h)?)?,
+        };
+        let y = self.fc2.forward(&h)?;
         Ok((x + y)?)
     }
 }

@@ -1,0 +1,150 @@
+//! Fused, multi-threaded CPU kernels for inference hot spots.
+//!
+//! candle's CPU element-wise ops run on one thread and `clamp` builds two
+//! intermediate tensors; its `gelu_erf` evaluates `erf` in f64. Measured on a
+//! MiniLM batch (64 × 22 tokens, 1536 wide): `gelu_erf` 9.4 ms and `clamp`
+//! 6.1 ms against 8 ms for the matmul that produced the data. These kernels
+//! apply a bias and an activation in one parallel pass instead.
+//!
+//! Inference only (no backward). On other devices the same maths runs through
+//! candle's ops.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// The activation applied after the bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Relu6,
+    /// Exact (erf) GELU.
+    GeluErf,
+}
+
+/// `erf` for f32: the rational approximation of Eigen's
+/// `generic_fast_erf_float` (odd degree-13 numerator over even degree-8
+/// denominator on [-4, 4]), accurate to a few ulp. It has no branches and no
+/// `exp`, so LLVM vectorises loops over it — libm's `expf` would not be.
+/// (Plain `*`/`+`, not `mul_add`: without a target FMA feature `mul_add` is a
+/// slow libm call.)
+#[inline]
+pub fn erf_f32(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
+    p = x2 * p + -2.101_024e-6;
+    p = x2 * p + -5.692_506_4e-5;
+    p = x2 * p + -7.349_906_3e-4;
+    p = x2 * p + -2.954_6e-3;
+    p = x2 * p + -1.609_603_3e-2;
+    let p = x * p;
+    let mut q = x2 * -1.456_607_2e-5 + -2.133_740_6e-4;
+    q = x2 * q + -1.682_827e-3;
+    q = x2 * q + -7.373_329_2e-3;
+    q = x2 * q + -1.426_473_9e-2;
+    p / q
+}
+
+#[inline]
+fn gelu_erf(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `out[r][c] = f(x[r][c] + b[c])`, rows spread over threads. Generic over
+/// `f` so that each activation gets its own vectorised loop.
+fn bias_map(x: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
+    let c = b.len();
+    // Chunks of whole rows, large enough to amortise scheduling.
+    let rows_per_task = (16384 / c).max(1);
+    out.par_chunks_mut(rows_per_task * c)
+        .zip(x.par_chunks(rows_per_task * c))
+        .for_each(|(o, xi)| {
+            for (orow, xrow) in o.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
+                for ((ov, &xv), &bv) in orow.iter_mut().zip(xrow).zip(b) {
+                    *ov = f(xv + bv);
+                }
+            }
+        });
+}
+
+struct BiasAct(Act);
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, b) = match (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets()) {
+            (CpuStorage::F32(x), Some((xs, xe)), CpuStorage::F32(b), Some((bs, be))) => (&x[xs..xe], &b[bs..be]),
+            _ => candle_core::bail!("bias-act: needs contiguous f32 tensors"),
+        };
+        let c = b.len();
+        if c == 0 || x.len() % c != 0 {
+            candle_core::bail!("bias-act: {} values are not rows of {c}", x.len())
+        }
+        let mut out = vec![0f32; x.len()];
+        match self.0 {
+            Act::None => bias_map(x, b, &mut out, |v| v),
+            Act::Relu6 => bias_map(x, b, &mut out, |v| v.clamp(0.0, 6.0)),
+            Act::GeluErf => bias_map(x, b, &mut out, gelu_erf),
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `act(x + bias)`, with `bias` broadcast over the last dim of `x`.
+///
+/// # Shapes
+/// `x`: (…, C), `bias`: (C) → (…, C)
+pub fn bias_act(x: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return Ok(x.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &BiasAct(act))?);
+    }
+    let y = x.broadcast_add(bias)?;
+    Ok(match act {
+        Act::None => y,
+        Act::Relu6 => y.clamp(0f32, 6f32)?,
+        Act::GeluErf => y.gelu_erf()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn erf_is_accurate() {
+        // Reference values of erf.
+        for (x, want) in [(0.0f32, 0.0f32), (0.5, 0.520_499_9), (1.0, 0.842_700_8), (-2.0, -0.995_322_3), (3.5, 0.999_999_26), (-0.1, -0.112_462_92), (5.0, 1.0)] {
+            assert!((erf_f32(x) - want).abs() < 3e-7, "erf({x}) = {} ≠ {want}", erf_f32(x));
+        }
+    }
+
+    #[test]
+    fn bias_act_matches_candle_ops() -> Result<()> {
+        let d = Device::Cpu;
+        let x = Tensor::randn(0f32, 3.0, (7, 33, 40), &d)?;
+        let b = Tensor::randn(0f32, 1.0, 40, &d)?;
+        let y = x.broadcast_add(&b)?;
+        for (act, want) in [
+            (Act::None, y.clone()),
+            (Act::Relu6, y.clamp(0f32, 6f32)?),
+            (Act::GeluErf, y.gelu_erf()?),
+        ] {
+            let got = bias_act(&x, &b, act)?;
+            let err = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(err < 1e-5, "{act:?}: {err}");
+        }
+        Ok(())
+    }
+}
