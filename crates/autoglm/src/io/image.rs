@@ -133,12 +133,59 @@ pub fn decode(bytes: &[u8], name: &str, limits: ImageLimits) -> Result<RgbImage>
     Ok(img.into_rgb8())
 }
 
+/// libjpeg's error manager, set so that fatal errors unwind with their
+/// message, and so that a truncated file is fatal too (libjpeg only warns and
+/// pads the image with gray; PIL refuses such files). Other warnings, such as
+/// extraneous bytes between markers, are ignored as PIL ignores them.
+fn jpeg_error_mgr() -> mozjpeg_sys::jpeg_error_mgr {
+    use mozjpeg_sys::{jpeg_common_struct, jpeg_std_error, JWRN_JPEG_EOF};
+    use std::os::raw::c_int;
+
+    fn message(cinfo: &mut jpeg_common_struct) -> String {
+        // SAFETY: libjpeg calls our hooks with a valid `cinfo` whose `err`
+        // points at this error manager; `format_message` writes at most 80
+        // bytes (JMSG_LENGTH_MAX) into the buffer.
+        unsafe {
+            let err = &*cinfo.err;
+            match err.format_message {
+                Some(f) => {
+                    let f: unsafe extern "C-unwind" fn(&mut jpeg_common_struct, &mut [u8; 80]) = std::mem::transmute(f);
+                    let mut buf = [0u8; 80];
+                    f(cinfo, &mut buf);
+                    let end = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
+                    String::from_utf8_lossy(&buf[..end]).into_owned()
+                }
+                None => format!("libjpeg error {}", err.msg_code),
+            }
+        }
+    }
+    extern "C-unwind" fn error_exit(cinfo: &mut jpeg_common_struct) {
+        // resume_unwind does not run the panic hook: nothing is printed.
+        std::panic::resume_unwind(Box::new(message(cinfo)));
+    }
+    extern "C-unwind" fn emit_message(cinfo: &mut jpeg_common_struct, level: c_int) {
+        // SAFETY: as above.
+        let code = unsafe { (*cinfo.err).msg_code };
+        if level < 0 && code == JWRN_JPEG_EOF as c_int {
+            std::panic::resume_unwind(Box::new("premature end of data (the file is truncated)".to_string()));
+        }
+    }
+    // SAFETY: jpeg_std_error fills every field of the zeroed struct.
+    unsafe {
+        let mut err: mozjpeg_sys::jpeg_error_mgr = std::mem::zeroed();
+        jpeg_std_error(&mut err);
+        err.error_exit = Some(error_exit);
+        err.emit_message = Some(emit_message);
+        err
+    }
+}
+
 /// Decodes a JPEG to RGB with libjpeg's ISLOW IDCT and fancy upsampling
 /// (PIL's defaults). libjpeg reports fatal errors by unwinding (without
 /// running the panic hook); they are caught here and become errors.
 fn decode_jpeg(bytes: &[u8], w: u32, h: u32) -> std::result::Result<RgbImage, String> {
     let run = || -> std::io::Result<Vec<[u8; 3]>> {
-        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        let d = mozjpeg::Decompress::builder().with_err(jpeg_error_mgr()).from_mem(bytes)?;
         let mut s = d.rgb()?;
         let px: Vec<[u8; 3]> = s.read_scanlines()?;
         s.finish()?;
@@ -153,7 +200,7 @@ fn decode_jpeg(bytes: &[u8], w: u32, h: u32) -> std::result::Result<RgbImage, St
                 .cloned()
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "decoder error".into());
-            return Err(format!("corrupt or unsupported JPEG: {msg}"));
+            return Err(format!("corrupt or truncated JPEG: {msg}"));
         }
     };
     if px.len() != w as usize * h as usize {
