@@ -1,0 +1,138 @@
+//! The `autoglm` binary: JSON output that scripts can read, and bad input
+//! that ends in a one-line error and a non-zero exit, never a panic.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn autoglm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_autoglm"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("run autoglm")
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn photo(name: &str) -> String {
+    autoglm::io::assets::dir("photos").unwrap_or_else(|e| panic!("{e}")).join(name).display().to_string()
+}
+
+fn json_ok(args: &[&str]) -> serde_json::Value {
+    let out = autoglm(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON document: {e}"))
+}
+
+/// Fails with exit code 1 and one line on stderr that starts with `error:`.
+fn fails(args: &[&str]) -> String {
+    let out = autoglm(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    assert!(stderr.starts_with("error: ") && stderr.trim_end().lines().count() == 1, "{args:?}: {stderr}");
+    assert!(out.stdout.is_empty(), "{args:?} printed to stdout on failure");
+    stderr
+}
+
+#[test]
+fn classify_json_has_top5_with_probabilities() {
+    let v = json_ok(&["classify", "--json", &photo("coffee.png"), &photo("chelsea.png")]);
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    let top = results[0]["top"].as_array().unwrap();
+    assert_eq!(top.len(), 5);
+    assert_eq!(top[0]["label"], "espresso");
+    let p: f64 = top.iter().map(|t| t["probability"].as_f64().unwrap()).sum();
+    assert!(p > 0.9 && p <= 1.0 + 1e-6);
+}
+
+#[test]
+fn embed_text_json_gives_unit_vectors() {
+    let v = json_ok(&["embed", "text", "--json", "a cat", "ein Hund", ""]);
+    assert_eq!(v["dim"], 384);
+    for e in v["embeddings"].as_array().unwrap() {
+        let n: f64 = e["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap().powi(2)).sum();
+        assert!((n - 1.0).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn embed_image_and_zero_shot_with_a_clip_directory() {
+    let model = fixtures().join("clip-tiny-b").display().to_string();
+    let v = json_ok(&["embed", "image", "--json", "--model", &model, &photo("chelsea.png")]);
+    assert_eq!(v["dim"], 40);
+    let v = json_ok(&["zero-shot", "--json", "--model", &model, &photo("chelsea.png"), "--labels", "a cat, a dog,a car"]);
+    let labels = v["results"][0]["labels"].as_array().unwrap();
+    assert_eq!(labels.len(), 3);
+    let s: f64 = labels.iter().map(|l| l["probability"].as_f64().unwrap()).sum();
+    assert!((s - 1.0).abs() < 1e-5);
+    // Without --model: EfficientNet-Lite0 features.
+    let v = json_ok(&["embed", "image", "--json", &photo("coffee.png")]);
+    assert_eq!(v["dim"], 1280);
+}
+
+#[test]
+fn assets_list_json() {
+    let v = json_ok(&["assets", "list", "--json"]);
+    let names: Vec<&str> = v["assets"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    for n in ["minilm", "efficientnet-lite0", "easy-vqa", "fashion-mnist", "wordnet", "photos", "imagenet"] {
+        assert!(names.contains(&n), "{n} not listed");
+    }
+}
+
+#[test]
+fn bad_inputs_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.png");
+    std::fs::write(&text, "just text").unwrap();
+    let text = text.display().to_string();
+    let e = fails(&["classify", &text]);
+    assert!(e.contains("not a PNG, JPEG, WebP or GIF"), "{e}");
+
+    let truncated = dir.path().join("cut.jpg");
+    let bytes = std::fs::read(photo("rocket.jpg")).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let e = fails(&["classify", &truncated.display().to_string()]);
+    assert!(e.contains("truncated"), "{e}");
+
+    let e = fails(&["classify", "--max-pixels", "1000", &photo("coffee.png")]);
+    assert!(e.contains("over the limit") && e.contains("--max-pixels"), "{e}");
+
+    let e = fails(&["embed", "text", "--model", "/nonexistent/dir", "hi"]);
+    assert!(e.contains("/nonexistent/dir"), "{e}");
+    let e = fails(&["zero-shot", "--model", "/nonexistent/dir", &photo("coffee.png"), "--labels", "a"]);
+    assert!(e.contains("/nonexistent/dir"), "{e}");
+    fails(&["zero-shot", "--model", &fixtures().join("clip-tiny-a").display().to_string(), &photo("coffee.png"), "--labels", " , "]);
+
+    // A model directory whose config.json has a wrong type.
+    let model = dir.path().join("clip");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"] {
+        std::fs::copy(fixtures().join("clip-tiny-a").join(f), model.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(model.join("config.json")).unwrap();
+    std::fs::write(model.join("config.json"), cfg.replace("\"patch_size\": 8", "\"patch_size\": [8]")).unwrap();
+    let e = fails(&["embed", "image", "--model", &model.display().to_string(), &photo("coffee.png")]);
+    assert!(e.contains("config.json") && e.contains("invalid type"), "{e}");
+
+    // Weights whose header lies.
+    std::fs::write(model.join("config.json"), cfg).unwrap();
+    let mut st = std::fs::read(model.join("model.safetensors")).unwrap();
+    st.truncate(st.len() - 100);
+    std::fs::write(model.join("model.safetensors"), st).unwrap();
+    let e = fails(&["embed", "image", "--model", &model.display().to_string(), &photo("coffee.png")]);
+    assert!(e.contains("not a valid safetensors file"), "{e}");
+}
+
+#[test]
+fn usage_errors_exit_non_zero_with_help() {
+    let out = autoglm(&["classify"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = autoglm(&["classify", "--help"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--top-k"));
+}

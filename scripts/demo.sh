@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The demo (README): classify and embed the real sample photos with
+# EfficientNet-Lite0, and embed sentences with all-MiniLM-L6-v2.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+command -v cargo >/dev/null || { echo "demo: cargo not found; install Rust (https://rustup.rs)" >&2; exit 1; }
+scripts/fetch-assets.sh
+cargo build --release --locked -p autoglm-cli
+AUTOGLM=target/release/autoglm
+PHOTOS=${AUTOGLM_HOME:-$HOME/.cache/autoglm}/photos
+export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
+
+echo; echo "== installed assets"; $AUTOGLM assets list
+echo; echo "== classify the sample photos (EfficientNet-Lite0, ImageNet-1k, top 3)"
+$AUTOGLM classify --top-k 3 "$PHOTOS"/chelsea.png "$PHOTOS"/coffee.png "$PHOTOS"/astronaut.png \
+    "$PHOTOS"/motorcycle_left.png "$PHOTOS"/rocket.jpg "$PHOTOS"/camera.png
+echo; echo "== embed the photos (EfficientNet-Lite0 pooled features, unit length)"
+$AUTOGLM embed image "$PHOTOS"/chelsea.png "$PHOTOS"/coffee.png "$PHOTOS"/rocket.jpg
+echo; echo "== embed sentences (all-MiniLM-L6-v2, unit length)"
+$AUTOGLM embed text "A cat sleeps on the sofa." "Un chat dort sur le canapé." "The rocket lifts off."
+echo; echo "== the same as JSON (one document on stdout), cosine of the first two:"
+$AUTOGLM embed text --json "A cat sleeps on the sofa." "Un chat dort sur le canapé." \
+  | python3 -c 'import json,sys; e=[x["embedding"] for x in json.load(sys.stdin)["embeddings"]]; print(round(sum(a*b for a,b in zip(*e)),4))'
