@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds the `autoglm` binary with candle's `cuda` feature on a machine with
+# no CUDA toolkit, using NVIDIA's PyPI wheels (nvcc, headers, libraries), so
+# that the binary can be carried to a GPU machine (driver 580 / CUDA 13).
+#
+#   scripts/build-cuda.sh [COMPUTE_CAP]     # default 90 (Hopper: H100/H200)
+#
+# Output: target/cuda/release/autoglm, and target/cuda/lib/ with the CUDA
+# libraries it links (put it on LD_LIBRARY_PATH on the GPU machine).
+# CI does not run this.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+CAP=${1:-90}
+TOOLS=target/cuda/tools
+if [[ ! -x $TOOLS/venv/bin/python ]]; then
+    python3 -m venv "$TOOLS/venv"
+fi
+# nvcc and headers (runtime, cccl), and the libraries candle links (cublas, curand, nvrtc).
+"$TOOLS/venv/bin/pip" install -q \
+    nvidia-cuda-nvcc==13.5.37 nvidia-cuda-runtime==13.5.37 nvidia-cuda-cccl \
+    nvidia-cuda-nvrtc==13.5.37 nvidia-cublas nvidia-curand \
+  || { echo "build-cuda: cannot install NVIDIA's CUDA wheels from PyPI; the machine needs PyPI access" >&2; exit 1; }
+CU=$(echo "$(pwd)/$TOOLS"/venv/lib/python3*/site-packages/nvidia/cu13)
+[[ -x $CU/bin/nvcc ]] || { echo "build-cuda: nvcc not found under $CU/bin" >&2; exit 1; }
+# The driver library is only a link-time dependency here: link against a stub
+# when the machine has no driver (the GPU machine provides the real one).
+mkdir -p target/cuda/lib
+for l in "$CU"/lib/*.so*; do ln -sf "$l" target/cuda/lib/; done
+if ! ldconfig -p | grep -q 'libcuda.so '; then
+    if [[ -e $CU/lib/stubs/libcuda.so ]]; then
+        ln -sf "$CU/lib/stubs/libcuda.so" target/cuda/lib/libcuda.so
+    else
+        echo 'int cuInit(unsigned int f){return 100;}' | cc -shared -x c -o target/cuda/lib/libcuda.so -
+        echo "build-cuda: no libcuda on this machine; linked against a stub (the GPU machine's driver provides it)" >&2
+    fi
+fi
+for so in target/cuda/lib/lib*.so.*; do
+    base=${so%%.so.*}.so
+    [[ -e $base ]] || ln -sf "$(basename "$so")" "$base"
+done
+export PATH=$CU/bin:$PATH CUDA_ROOT=$CU CUDA_PATH=$CU CUDA_HOME=$CU CUDA_COMPUTE_CAP=$CAP
+export NVCC_PREPEND_FLAGS="-I$CU/include ${NVCC_PREPEND_FLAGS:-}"
+export LIBRARY_PATH=$(pwd)/target/cuda/lib:${LIBRARY_PATH:-}
+export RUSTFLAGS="-L $(pwd)/target/cuda/lib ${RUSTFLAGS:-}"
+cargo build --release --locked -p autoglm-cli --features cuda --target-dir target/cuda
+echo "built target/cuda/release/autoglm (compute capability $CAP); run it with LD_LIBRARY_PATH=target/cuda/lib"
