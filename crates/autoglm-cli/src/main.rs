@@ -81,6 +81,13 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    // Like other Unix tools, stop quietly when the reader of our output goes
+    // away (`autoglm … | head`) instead of panicking on a broken pipe.
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to the default, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     // Benchmarks default to 2 threads, so that numbers compare across machines.
     let threads = cli.global.threads.or(matches!(cli.command, Command::Bench { .. }).then_some(2));

@@ -9,6 +9,8 @@
 //! Inference only (no backward). On other devices the same maths runs through
 //! candle's ops.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -29,7 +31,7 @@ pub enum Act {
 /// `exp`, so LLVM vectorises loops over it — libm's `expf` would not be.
 /// (Plain `*`/`+`, not `mul_add`: without a target FMA feature `mul_add` is a
 /// slow libm call.)
-#[inline]
+#[inline(always)]
 pub fn erf_f32(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
@@ -47,26 +49,57 @@ pub fn erf_f32(x: f32) -> f32 {
     p / q
 }
 
-#[inline]
+#[inline(always)]
 fn gelu_erf(v: f32) -> f32 {
     0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// `out[r][c] = f(x[r][c] + b[c])`, rows spread over threads. Generic over
 /// `f` so that each activation gets its own vectorised loop.
-fn bias_map(x: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
+fn bias_map(x: &[f32], b: &[f32], out: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32 + Sync + Copy) {
     let c = b.len();
+    let avx2 = avx2_available();
     // Chunks of whole rows, large enough to amortise scheduling.
     let rows_per_task = (16384 / c).max(1);
     out.par_chunks_mut(rows_per_task * c)
         .zip(x.par_chunks(rows_per_task * c))
         .for_each(|(o, xi)| {
-            for (orow, xrow) in o.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
-                for ((ov, &xv), &bv) in orow.iter_mut().zip(xrow).zip(b) {
-                    *ov = f(xv + bv);
-                }
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU supports AVX2 (checked at run time).
+                unsafe { rows_avx2(o, xi, b, f) };
+                return;
             }
+            let _ = avx2;
+            rows(o, xi, b, f);
         });
+}
+
+#[inline(always)]
+fn rows(o: &mut [MaybeUninit<f32>], x: &[f32], b: &[f32], f: impl Fn(f32) -> f32) {
+    for (orow, xrow) in o.chunks_exact_mut(b.len()).zip(x.chunks_exact(b.len())) {
+        for ((ov, &xv), &bv) in orow.iter_mut().zip(xrow).zip(b) {
+            ov.write(f(xv + bv));
+        }
+    }
+}
+
+/// [`rows`] compiled for 8-wide AVX2 vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn rows_avx2(o: &mut [MaybeUninit<f32>], x: &[f32], b: &[f32], f: impl Fn(f32) -> f32) {
+    rows(o, x, b, f)
+}
+
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 struct BiasAct(Act);
@@ -91,12 +124,17 @@ impl CustomOp2 for BiasAct {
         if c == 0 || x.len() % c != 0 {
             candle_core::bail!("bias-act: {} values are not rows of {c}", x.len())
         }
-        let mut out = vec![0f32; x.len()];
+        let n = x.len();
+        // Every output is written exactly once, so skip zero-filling.
+        let mut out: Vec<f32> = Vec::with_capacity(n);
+        let dst = &mut out.spare_capacity_mut()[..n];
         match self.0 {
-            Act::None => bias_map(x, b, &mut out, |v| v),
-            Act::Relu6 => bias_map(x, b, &mut out, |v| v.clamp(0.0, 6.0)),
-            Act::GeluErf => bias_map(x, b, &mut out, gelu_erf),
+            Act::None => bias_map(x, b, dst, |v| v),
+            Act::Relu6 => bias_map(x, b, dst, |v| v.clamp(0.0, 6.0)),
+            Act::GeluErf => bias_map(x, b, dst, gelu_erf),
         }
+        // SAFETY: bias_map initialised all n values.
+        unsafe { out.set_len(n) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
