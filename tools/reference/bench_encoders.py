@@ -1,7 +1,9 @@
 """PyTorch side of `autoglm bench encoders`: times EfficientNet-Lite0
 (efficientnet-lite-pytorch) and all-MiniLM-L6-v2 (sentence-transformers) on
-the exact inputs the Rust side wrote to --dir, with the same thread count,
-and prints one JSON document of seconds per batch (median).
+the exact inputs the Rust side wrote to --dir, with the same thread count.
+It serves timing requests on stdin (one case at a time) so the two sides'
+measurements can be interleaved: on a shared machine whose speed drifts,
+back-to-back blocks would bias the ratio.
 
 Called by `autoglm bench encoders --python VENV/bin/python`; not meant to be
 run alone, but it can be: --dir must hold pixels_b32.safetensors and
@@ -11,6 +13,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -44,10 +47,18 @@ eff = EfficientNet.from_pretrained("efficientnet-lite0",
 pixels = load_file(os.path.join(args.dir, "pixels_b32.safetensors"))["pixels"]
 st = SentenceTransformer(os.path.join(HOME, "minilm"), device="cpu")
 sentences = json.load(open(os.path.join(args.dir, "sentences.json")))
-out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+cases = {
+    "effnet_b1": lambda: eff(pixels[:1]),
+    "effnet_b32": lambda: eff(pixels),
+    "minilm_b1": lambda: st.encode(sentences[:1], batch_size=1),
+    "minilm_b64": lambda: st.encode(sentences, batch_size=64),
+}
+# Protocol: print a ready line, then for each request line "CASE SECONDS"
+# answer with one JSON line {"case": ..., "seconds_per_call": ...}, so that
+# the Rust side can interleave its own measurements with ours.
+print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
 with torch.inference_mode():
-    out["effnet_b1"] = timeit(lambda: eff(pixels[:1]), args.seconds)
-    out["effnet_b32"] = timeit(lambda: eff(pixels), args.seconds)
-    out["minilm_b1"] = timeit(lambda: st.encode(sentences[:1], batch_size=1), args.seconds)
-    out["minilm_b64"] = timeit(lambda: st.encode(sentences, batch_size=64), args.seconds)
-print(json.dumps(out))
+    for line in sys.stdin:
+        case, seconds = line.split()
+        t = timeit(cases[case], float(seconds))
+        print(json.dumps({"case": case, "seconds_per_call": t}), flush=True)

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use autoglm::io::assets;
 use autoglm::text::bert::SentenceEncoder;
 use autoglm::vision::efficientnet::EfficientNet;
@@ -57,6 +57,70 @@ fn gemm_peak(seconds: f64) -> Result<f64> {
     Ok(2.0 * (n * n * n) as f64 / s / 1e9)
 }
 
+/// The PyTorch side: a child process answering timing requests.
+struct TorchServer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    info: serde_json::Value,
+    dir: PathBuf,
+}
+
+impl TorchServer {
+    fn start(py: &std::path::Path, script: &std::path::Path, pixels: &Tensor, sentences: &[String], threads: usize) -> Result<Self> {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let dir = std::env::temp_dir().join(format!("autoglm-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("pixels".to_string(), pixels.clone())]),
+            dir.join("pixels_b32.safetensors"),
+        )?;
+        std::fs::write(dir.join("sentences.json"), serde_json::to_string(sentences)?)?;
+        eprintln!("starting PyTorch with {}…", py.display());
+        let mut child = Command::new(py)
+            .arg(script)
+            .args(["--dir", &dir.to_string_lossy(), "--threads", &threads.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("running {}", py.display()))?;
+        let stdin = child.stdin.take().context("child stdin")?;
+        let mut stdout = std::io::BufReader::new(child.stdout.take().context("child stdout")?);
+        // Libraries print to stdout too ("Loaded pretrained weights…"):
+        // the protocol's lines are the JSON ones.
+        let mut line = String::new();
+        while stdout.read_line(&mut line)? > 0 && !line.starts_with('{') {
+            line.clear();
+        }
+        let info: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| {
+            format!("the PyTorch side did not start ({}); does {} have torch, efficientnet-lite-pytorch and sentence-transformers?", line.trim(), py.display())
+        })?;
+        Ok(Self { child, stdin, stdout, info, dir })
+    }
+
+    fn time(&mut self, case: &str, seconds: f64) -> Result<f64> {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{case} {seconds}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        while self.stdout.read_line(&mut line)? > 0 && !line.starts_with('{') {
+            line.clear();
+        }
+        let v: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| format!("PyTorch side: {line:?}"))?;
+        v["seconds_per_call"].as_f64().context("PyTorch side: no seconds_per_call")
+    }
+}
+
+impl Drop for TorchServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// MiniLM multiply-accumulates for one padded batch.
 fn bert_macs(cfg: &autoglm::config::BertConfig, batch: usize, t: usize) -> f64 {
     let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
@@ -98,43 +162,45 @@ pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
 
     let peak = gemm_peak(a.seconds)?;
     let p1 = pixels.narrow(0, 0, 1)?;
-    let ours = [
-        time_it(a.seconds, || { eff.forward(&p1)?; Ok(()) })?,
-        time_it(a.seconds, || { eff.forward(&pixels)?; Ok(()) })?,
-        time_it(a.seconds, || { enc.embed(&refs[..1], 1)?; Ok(()) })?,
-        time_it(a.seconds, || { enc.embed(&refs, 64)?; Ok(()) })?,
-    ];
-
-    // The same inputs for PyTorch.
-    let torch: Option<serde_json::Value> = match &a.python {
-        None => None,
-        Some(py) => {
-            let dir = std::env::temp_dir().join(format!("autoglm-bench-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            candle_core::safetensors::save(
-                &std::collections::HashMap::from([("pixels".to_string(), pixels.clone())]),
-                dir.join("pixels_b32.safetensors"),
-            )?;
-            std::fs::write(dir.join("sentences.json"), serde_json::to_string(&sentences)?)?;
-            eprintln!("measuring PyTorch with {}…", py.display());
-            let out = Command::new(py)
-                .arg(&a.script)
-                .args(["--dir", dir.to_str().unwrap_or_default()])
-                .args(["--threads", &threads.to_string(), "--seconds", &a.seconds.to_string()])
-                .output()
-                .with_context(|| format!("running {}", py.display()))?;
-            let _ = std::fs::remove_dir_all(&dir);
-            if !out.status.success() {
-                bail!(
-                    "the PyTorch benchmark failed: {}",
-                    String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
-                );
-            }
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let last = stdout.lines().last().unwrap_or("");
-            Some(serde_json::from_str(last).with_context(|| format!("reading the PyTorch results: {last}"))?)
+    let keys = ["effnet_b1", "effnet_b32", "minilm_b1", "minilm_b64"];
+    let run_ours = |i: usize, secs: f64| -> Result<f64> {
+        match i {
+            0 => time_it(secs, || { eff.forward(&p1)?; Ok(()) }),
+            1 => time_it(secs, || { eff.forward(&pixels)?; Ok(()) }),
+            2 => time_it(secs, || { enc.embed(&refs[..1], 1)?; Ok(()) }),
+            _ => time_it(secs, || { enc.embed(&refs, 64)?; Ok(()) }),
         }
     };
+
+    // PyTorch serves timing requests from a child process, so each round
+    // measures both sides back to back and the ratio is the median of the
+    // rounds' ratios: robust to a machine whose speed drifts.
+    let mut torch_proc = match &a.python {
+        None => None,
+        Some(py) => Some(TorchServer::start(py, &a.script, &pixels, &sentences, threads)?),
+    };
+    const ROUNDS: usize = 3;
+    let slice = a.seconds / ROUNDS as f64;
+    let mut ours = [[0f64; ROUNDS]; 4];
+    let mut theirs = [[0f64; ROUNDS]; 4];
+    for r in 0..ROUNDS {
+        for i in 0..4 {
+            ours[i][r] = run_ours(i, slice)?;
+            if let Some(t) = torch_proc.as_mut() {
+                theirs[i][r] = t.time(keys[i], slice)?;
+            }
+        }
+    }
+    let torch = torch_proc.as_ref().map(|t| t.info.clone());
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ours_s: Vec<f64> = ours.iter().map(|r| median(r.to_vec())).collect();
+    let torch_s: Vec<Option<f64>> = theirs.iter().map(|r| torch.as_ref().map(|_| median(r.to_vec()))).collect();
+    let ratios: Vec<Option<f64>> = (0..4)
+        .map(|i| torch.as_ref().map(|_| median((0..ROUNDS).map(|r| theirs[i][r] / ours[i][r]).collect())))
+        .collect();
 
     let eff_gflop = 2.0 * eff.config.macs() as f64 / 1e9;
     let cfg = enc.config();
@@ -143,21 +209,21 @@ pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
     let lens: Vec<usize> = refs.iter().map(|s| enc.tokenizer().encode(s).map(|t| t.len())).collect::<autoglm::Result<_>>()?;
     let minilm_gflop = |n: usize| lens[..n].iter().map(|&l| 2.0 * bert_macs(cfg, 1, l)).sum::<f64>() / 1e9;
     let cases = [
-        ("EfficientNet-Lite0", "images/s", 1usize, ours[0], "effnet_b1", eff_gflop),
-        ("EfficientNet-Lite0", "images/s", 32, ours[1], "effnet_b32", 32.0 * eff_gflop),
-        ("MiniLM-L6", "sentences/s", 1, ours[2], "minilm_b1", minilm_gflop(1)),
-        ("MiniLM-L6", "sentences/s", 64, ours[3], "minilm_b64", minilm_gflop(64)),
+        ("EfficientNet-Lite0", "images/s", 1usize, eff_gflop),
+        ("EfficientNet-Lite0", "images/s", 32, 32.0 * eff_gflop),
+        ("MiniLM-L6", "sentences/s", 1, minilm_gflop(1)),
+        ("MiniLM-L6", "sentences/s", 64, minilm_gflop(64)),
     ];
     let rows: Vec<_> = cases
         .iter()
-        .map(|(model, unit, batch, secs, key, gflop)| {
-            let torch_s = torch.as_ref().and_then(|t| t[key].as_f64());
+        .enumerate()
+        .map(|(i, (model, unit, batch, gflop))| {
             json!({
                 "model": model, "unit": unit, "batch": batch,
-                "ours_per_s": *batch as f64 / secs,
-                "torch_per_s": torch_s.map(|s| *batch as f64 / s),
-                "ratio": torch_s.map(|s| s / secs),
-                "gemm_fraction": gflop / secs / peak,
+                "ours_per_s": *batch as f64 / ours_s[i],
+                "torch_per_s": torch_s[i].map(|s| *batch as f64 / s),
+                "ratio": ratios[i],
+                "gemm_fraction": gflop / ours_s[i] / peak,
             })
         })
         .collect();
@@ -187,6 +253,6 @@ pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
             r["gemm_fraction"].as_f64().unwrap_or(0.0) * 100.0
         );
     }
-    println!("ratio = our throughput / PyTorch's (>1: we are faster)");
+    println!("ratio = our throughput / PyTorch's (>1: we are faster), median of {ROUNDS} interleaved rounds");
     Ok(())
 }
