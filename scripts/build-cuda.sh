@@ -2,6 +2,8 @@
 # Builds the `autoglm` binary with candle's `cuda` feature on a machine with
 # no CUDA toolkit, using NVIDIA's PyPI wheels (nvcc, headers, libraries), so
 # that the binary can be carried to a GPU machine (driver 580 / CUDA 13).
+# CUDA 13.4 rather than 13.5: cudarc 0.19 (candle 0.11) refuses toolkits newer
+# than 13.4 at build time ("Unsupported cuda toolkit version: 13.5").
 #
 #   scripts/build-cuda.sh [COMPUTE_CAP]     # default 90 (Hopper: H100/H200)
 #
@@ -17,8 +19,9 @@ if [[ ! -x $TOOLS/venv/bin/python ]]; then
 fi
 # nvcc and headers (runtime, cccl), and the libraries candle links (cublas, curand, nvrtc).
 "$TOOLS/venv/bin/pip" install -q \
-    nvidia-cuda-nvcc==13.5.37 nvidia-cuda-runtime==13.5.37 nvidia-cuda-cccl \
-    nvidia-cuda-nvrtc==13.5.37 nvidia-cublas nvidia-curand \
+    nvidia-cuda-nvcc==13.4.92 nvidia-nvvm==13.4.92 nvidia-cuda-crt==13.4.92 \
+    nvidia-cuda-runtime==13.4.92 nvidia-cuda-cccl \
+    nvidia-cuda-nvrtc==13.4.92 nvidia-cublas nvidia-curand \
   || { echo "build-cuda: cannot install NVIDIA's CUDA wheels from PyPI; the machine needs PyPI access" >&2; exit 1; }
 CU=$(echo "$(pwd)/$TOOLS"/venv/lib/python3*/site-packages/nvidia/cu13)
 [[ -x $CU/bin/nvcc ]] || { echo "build-cuda: nvcc not found under $CU/bin" >&2; exit 1; }

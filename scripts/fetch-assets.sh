@@ -53,8 +53,10 @@ EASYVQA_PKG=easy-vqa==1.0
 SKIMAGE_PKG=scikit-image==0.26.0
 SKIMAGE_PLATFORM=(--platform manylinux_2_28_x86_64 --python-version 3.11
                   --implementation cp --abi cp311)
-FASHION_DEB=dataset-fashion-mnist
-WORDNET_DEB=wordnet-base
+# Pinned like the wheels, so a new Debian revision cannot silently change the
+# files (the sha256 manifest would then stop the run).
+FASHION_DEB=dataset-fashion-mnist=0.0~git20200523.55506a9-1
+WORDNET_DEB=wordnet-base=1:3.0-37
 PHOTOS=(astronaut.png chelsea.png coffee.png horse.png motorcycle_left.png
         rocket.jpg camera.png retina.jpg hubble_deep_field.jpg logo.png
         coins.png no_time_for_that_tiny.gif)
@@ -147,7 +149,7 @@ deb_download() {
     fi
     if ! (cd "$dir" && apt-get download -q "$pkg") >"$dir.log" 2>&1; then
         if [[ $APT_UPDATED -eq 0 ]] &&
-           grep -qE "Unable to locate package|no installation candidate|Can't select|No packages found|has no candidate" "$dir.log"; then
+           grep -qE "Unable to locate package|no installation candidate|Can't select|No packages found|has no candidate|Version .* was not found" "$dir.log"; then
             # package lists missing or stale: refresh them once, then retry
             [[ $(id -u) -eq 0 ]] ||
                 die "apt-get download $pkg failed and the package lists need 'apt-get update', which needs root; run 'sudo apt-get update' and retry"

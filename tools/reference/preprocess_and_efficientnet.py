@@ -61,9 +61,22 @@ for name in PHOTOS:
     batch.append(to_tensor(c))
 
 x = torch.stack(batch)
+# Stage outputs: the last block of each of the 7 stages (repeats 1,2,2,3,3,4,1).
+stage_ends = [0, 2, 4, 7, 10, 14, 15]
+stages = {}
+for i, b in enumerate(stage_ends):
+    model._blocks[b].register_forward_hook(lambda m, inp, out, i=i: stages.__setitem__(i, out))
 with torch.no_grad():
     logits = model(x)
+    pooled = model.extract_features(x).mean((2, 3))
 save_file({"logits": logits.contiguous()}, os.path.join(OUT, "efficientnet", "logits.safetensors"))
+# Pooled head features of every photo; stage maps of the first photo (the
+# three large early stages as per-channel means, to keep the fixture small).
+feats = {"pooled": pooled.contiguous()}
+for i in range(7):
+    s0 = stages[i][0]
+    feats[f"stage{i}"] = (s0.mean((1, 2)) if i < 3 else s0).contiguous()
+save_file(feats, os.path.join(OUT, "efficientnet", "features.safetensors"))
 probs = logits.softmax(-1)
 for name, p in zip(PHOTOS, probs):
     top = p.topk(5)

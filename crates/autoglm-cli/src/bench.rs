@@ -148,11 +148,8 @@ pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
     let cycled: Vec<_> = (0..32).map(|i| imgs[i % imgs.len()].clone()).collect();
     let pixels = pre.batch(&cycled, &dev)?;
     let sentences: Vec<String> = {
-        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/minilm/sentences.json");
-        let all: Vec<String> = match std::fs::read_to_string(&p) {
-            Ok(s) => serde_json::from_str(&s)?,
-            Err(_) => vec!["A man is eating food.".into(), "The girl is carrying a baby.".into()],
-        };
+        // Built in, so the benchmark runs the same wherever the binary is.
+        let all: Vec<String> = serde_json::from_str(include_str!("../../../tests/fixtures/minilm/sentences.json"))?;
         // Everyday sentences only (the fixture's last one is a 256-token stress case).
         let short: Vec<String> = all.into_iter().filter(|s| s.len() < 200).collect();
         (0..64).map(|i| short[i % short.len()].clone()).collect()
@@ -177,7 +174,15 @@ pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
     // rounds' ratios: robust to a machine whose speed drifts.
     let mut torch_proc = match &a.python {
         None => None,
-        Some(py) => Some(TorchServer::start(py, &a.script, &pixels, &sentences, threads)?),
+        Some(py) => {
+            if !a.script.is_file() {
+                anyhow::bail!(
+                    "{} not found; run from the repository root or pass --script PATH/tools/reference/bench_encoders.py",
+                    a.script.display()
+                );
+            }
+            Some(TorchServer::start(py, &a.script, &pixels, &sentences, threads)?)
+        }
     };
     const ROUNDS: usize = 3;
     let slice = a.seconds / ROUNDS as f64;

@@ -121,8 +121,8 @@ impl CustomOp2 for BiasAct {
             _ => candle_core::bail!("bias-act: needs contiguous f32 tensors"),
         };
         let c = b.len();
-        if c == 0 || x.len() % c != 0 {
-            candle_core::bail!("bias-act: {} values are not rows of {c}", x.len())
+        if c == 0 || l1.dims().last() != Some(&c) {
+            candle_core::bail!("bias-act: bias of {c} values for an input of shape {:?}", l1.dims())
         }
         let n = x.len();
         // Every output is written exactly once, so skip zero-filling.

@@ -68,8 +68,14 @@ fn huge_claimed_dimensions_are_refused_before_allocating() {
 
 #[test]
 fn zero_size_image() {
+    // PNG forbids zero sizes: the decoder refuses the header.
     let e = image_err(&png_header(0, 10, &[]));
-    assert!(e.contains("zero") || e.contains("corrupt"), "{e}");
+    assert!(e.contains("corrupt or truncated Png header"), "{e}");
+    // GIF allows a 0×0 screen: our own check refuses it.
+    let mut gif = b"GIF89a\x00\x00\x00\x00\x00\x00\x00".to_vec();
+    gif.extend_from_slice(b"\x2c\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x02\x44\x01\x00\x3b");
+    let e = image_err(&gif);
+    assert!(e.contains("has zero size (0×0)"), "{e}");
 }
 
 #[test]

@@ -9,7 +9,8 @@ use autoglm::io::preprocess::{CropRounding, Preprocess, Resample};
 use autoglm::vision::efficientnet::EfficientNetConfig;
 use common::*;
 
-fn compare(p: &Preprocess, suffix: &str) {
+/// Compares with the fixtures ending in `suffix`; `tol` in 8-bit levels.
+fn compare(p: &Preprocess, suffix: &str, tol: i32) {
     let photos = asset("photos");
     let mut n = 0;
     for entry in std::fs::read_dir(fixtures().join("preprocess")).unwrap() {
@@ -32,7 +33,7 @@ fn compare(p: &Preprocess, suffix: &str) {
             .max()
             .unwrap();
         eprintln!("{fname}: max pixel difference {worst}/255");
-        assert!(worst <= 1, "{fname}: pixels differ by {worst}/255");
+        assert!(worst <= tol, "{fname}: pixels differ by {worst}/255");
         n += 1;
     }
     assert!(n >= 10, "only {n} fixtures found");
@@ -40,7 +41,8 @@ fn compare(p: &Preprocess, suffix: &str) {
 
 #[test]
 fn torchvision_resize_256_crop_224_bilinear() {
-    compare(&EfficientNetConfig::lite0().preprocess(), ".effnet.png");
+    // PIL's own resampler, ported: bit-exact.
+    compare(&EfficientNetConfig::lite0().preprocess(), ".effnet.png", 0);
 }
 
 #[test]
@@ -53,5 +55,6 @@ fn hf_clip_processor_bicubic_224() {
         mean: [0.0; 3],
         std: [1.0; 3],
     };
-    compare(&p, ".clip.png");
+    // transformers 5 resizes with torchvision on tensors, not PIL: one level.
+    compare(&p, ".clip.png", 1);
 }

@@ -106,9 +106,9 @@ pub fn decode(bytes: &[u8], name: &str, limits: ImageLimits) -> Result<RgbImage>
     // is refused before a 7.5 GB buffer is allocated.
     let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
-        .map_err(|e| err(format!("corrupt or truncated {format:?} header: {e}")))?;
+        .map_err(|e| err(format!("corrupt or truncated {format:?} header ({e}); the file is damaged: re-download or re-save it")))?;
     if w == 0 || h == 0 {
-        return Err(err(format!("has zero size ({w}×{h})")));
+        return Err(err(format!("has zero size ({w}×{h}); the file is damaged: re-save it")));
     }
     let pixels = w as u64 * h as u64;
     if pixels > limits.max_pixels {
@@ -118,7 +118,7 @@ pub fn decode(bytes: &[u8], name: &str, limits: ImageLimits) -> Result<RgbImage>
         )));
     }
     if format == ImageFormat::Jpeg {
-        return decode_jpeg(bytes, w, h).map_err(err);
+        return decode_jpeg(bytes, w, h).map_err(|m| err(format!("{m}; the file is damaged or unusual: re-download it, or re-save it as a baseline RGB JPEG or PNG")));
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut lim = image::Limits::default();
@@ -129,7 +129,7 @@ pub fn decode(bytes: &[u8], name: &str, limits: ImageLimits) -> Result<RgbImage>
     reader.limits(lim);
     let img = reader
         .decode()
-        .map_err(|e| err(format!("corrupt or truncated {format:?} data: {e}")))?;
+        .map_err(|e| err(format!("corrupt or truncated {format:?} data ({e}); the file is damaged: re-download or re-save it")))?;
     Ok(img.into_rgb8())
 }
 
@@ -186,6 +186,13 @@ fn jpeg_error_mgr() -> mozjpeg_sys::jpeg_error_mgr {
 fn decode_jpeg(bytes: &[u8], w: u32, h: u32) -> std::result::Result<RgbImage, String> {
     let run = || -> std::io::Result<Vec<[u8; 3]>> {
         let d = mozjpeg::Decompress::builder().with_err(jpeg_error_mgr()).from_mem(bytes)?;
+        // libjpeg parses the header itself: hold it to the size we checked.
+        if d.size() != (w as usize, h as usize) {
+            return Err(std::io::Error::other(format!(
+                "libjpeg reads the size as {:?}, the header check as {w}×{h}",
+                d.size()
+            )));
+        }
         let mut s = d.rgb()?;
         let px: Vec<[u8; 3]> = s.read_scanlines()?;
         s.finish()?;

@@ -89,6 +89,9 @@ pub struct Preprocess {
     pub std: [f32; 3],
 }
 
+/// Largest intermediate (resized, before cropping) image, in pixels.
+const MAX_RESIZED_PIXELS: u64 = 64 * 1024 * 1024;
+
 /// Fixed-point precision of Pillow's 8-bit resampler.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
@@ -203,6 +206,15 @@ impl Preprocess {
     /// `ToTensor`).
     pub fn resize_crop(&self, img: &RgbImage) -> Result<RgbImage> {
         let (w, h) = img.dimensions();
+        // An extreme aspect ratio (1×67,000,000 passes the decoder's pixel
+        // limit) would make the resized long side explode.
+        let long = (self.shortest_edge as u64 * w.max(h) as u64) / (w.min(h).max(1) as u64);
+        if long * self.shortest_edge as u64 > MAX_RESIZED_PIXELS {
+            return Err(Error::Invalid(format!(
+                "a {w}×{h} image resized to a shortest edge of {} would be {}×{long} pixels; crop it to a less extreme aspect ratio first",
+                self.shortest_edge, self.shortest_edge
+            )));
+        }
         let (rh, rw) = self.resized_size(h, w);
         let resized = if (rh, rw) == (h, w) {
             img.clone()
@@ -304,6 +316,21 @@ mod tests {
         let b = p(CropRounding::HalfEven).resize_crop(&img).unwrap();
         assert_eq!(a.get_pixel(0, 0)[0], 1);
         assert_eq!(b.get_pixel(0, 0)[0], 2);
+    }
+
+    #[test]
+    fn extreme_aspect_ratio_is_refused_not_allocated() {
+        let p = Preprocess {
+            shortest_edge: 256,
+            resample: Resample::Bilinear,
+            crop: (224, 224),
+            crop_rounding: CropRounding::HalfEven,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        let img = RgbImage::new(1, 1_000_000);
+        let e = p.resize_crop(&img).unwrap_err().to_string();
+        assert!(e.contains("aspect ratio"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,9 @@ impl Safetensors {
     /// checkpoint). The safetensors crate checks that every tensor's offsets
     /// lie inside the file, do not overlap, and match its dtype and shape.
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        if paths.is_empty() {
+            return Err(Error::Invalid("no weight files given".into()));
+        }
         for p in paths {
             if !p.is_file() {
                 return Err(Error::Missing {
@@ -65,6 +68,18 @@ impl Safetensors {
             let mut files: Vec<String> = idx.weight_map.into_values().collect();
             files.sort();
             files.dedup();
+            if files.is_empty() {
+                return Err(Error::Weights {
+                    path: index,
+                    msg: "weight_map is empty; re-export the checkpoint".into(),
+                });
+            }
+            if let Some(bad) = files.iter().find(|f| Path::new(f).components().any(|c| !matches!(c, std::path::Component::Normal(_)))) {
+                return Err(Error::Weights {
+                    path: index,
+                    msg: format!("shard `{bad}` is not a plain file name in the model directory"),
+                });
+            }
             let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
             return Self::open(&paths);
         }

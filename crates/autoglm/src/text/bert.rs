@@ -273,11 +273,19 @@ pub struct SentenceEncoder {
     bert: Bert,
     tokenizer: Tokenizer,
     pad_id: u32,
+    /// Whether a `Normalize` module ends the pipeline.
+    normalize: bool,
 }
 
 #[derive(serde::Deserialize)]
 struct SentenceBertConfig {
     max_seq_length: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct StModule {
+    #[serde(rename = "type")]
+    kind: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -304,6 +312,29 @@ impl SentenceEncoder {
             cfg.max_position_embeddings
         }
         .min(cfg.max_position_embeddings);
+        // modules.json says which stages follow the transformer; we support
+        // mean pooling optionally followed by L2 normalisation.
+        let modules_path = dir.join("modules.json");
+        let normalize = if modules_path.is_file() {
+            let modules: Vec<StModule> = crate::io::read_json(&modules_path)?;
+            let mut normalize = false;
+            for m in &modules {
+                match m.kind.rsplit('.').next().unwrap_or("") {
+                    "Transformer" | "Pooling" => {}
+                    "Normalize" => normalize = true,
+                    other => {
+                        return Err(Error::Config {
+                            path: modules_path,
+                            msg: format!("sentence-transformers module `{other}` is not supported (Transformer, mean Pooling and Normalize are)"),
+                        })
+                    }
+                }
+            }
+            normalize
+        } else {
+            // A plain BERT directory: mean pooling, normalised like MiniLM.
+            true
+        };
         let pool_path = dir.join("1_Pooling").join("config.json");
         if pool_path.is_file() && !crate::io::read_json::<PoolingConfig>(&pool_path)?.pooling_mode_mean_tokens {
             return Err(Error::Config {
@@ -319,6 +350,7 @@ impl SentenceEncoder {
             bert,
             tokenizer,
             pad_id,
+            normalize,
         })
     }
 
@@ -344,7 +376,8 @@ impl SentenceEncoder {
         &self.tokenizer
     }
 
-    /// Unit-length embeddings of `texts`, `(N, H)`.
+    /// Embeddings of `texts`, `(N, H)`: mean-pooled, and unit length when the
+    /// model's `modules.json` ends with `Normalize` (all-MiniLM-L6-v2 does).
     ///
     /// Texts are encoded `batch_size` at a time, packed without padding
     /// ([`Bert::pooled_unpadded`]).
@@ -355,7 +388,8 @@ impl SentenceEncoder {
         let seqs = texts.iter().map(|t| self.tokenizer.encode(t)).collect::<Result<Vec<_>>>()?;
         let mut out = Vec::new();
         for chunk in seqs.chunks(batch_size.max(1)) {
-            out.push(l2_normalize(&self.bert.pooled_unpadded(chunk)?)?);
+            let pooled = self.bert.pooled_unpadded(chunk)?;
+            out.push(if self.normalize { l2_normalize(&pooled)? } else { pooled });
         }
         Ok(Tensor::cat(&out, 0)?)
     }

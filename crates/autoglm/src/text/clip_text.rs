@@ -69,15 +69,38 @@ impl ClipText {
     /// HF: with the legacy `eos_token_id == 2` the EOS is the largest id in
     /// the row; otherwise the first occurrence of `eos_token_id`.
     fn eos_positions(&self, ids: &Tensor) -> Result<Vec<usize>> {
-        if self.config.eos_token_id == 2 {
-            return crate::vision::vit::argmax_rows(ids);
-        }
-        let eos = self.config.eos_token_id;
-        let rows = ids.to_vec2::<u32>()?;
-        Ok(rows
-            .iter()
-            .map(|r| r.iter().position(|&id| id == eos).unwrap_or(0))
-            .collect())
+        Ok(eos_positions(&ids.to_vec2::<u32>()?, self.config.eos_token_id))
+    }
+}
+
+/// EOS position of each row, as HF's `CLIPTextTransformer` finds it.
+fn eos_positions(rows: &[Vec<u32>], eos_token_id: u32) -> Vec<usize> {
+    rows.iter()
+        .map(|r| {
+            if eos_token_id == 2 {
+                // Legacy configs (OpenAI CLIP's): the largest id, first if tied.
+                let max = r.iter().copied().max().unwrap_or(0);
+                r.iter().position(|&id| id == max).unwrap_or(0)
+            } else {
+                r.iter().position(|&id| id == eos_token_id).unwrap_or(0)
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::eos_positions;
+
+    #[test]
+    fn eos_follows_hf_for_legacy_and_new_configs() {
+        // Legacy (eos_token_id == 2): argmax of the ids, whatever the EOS id.
+        let rows = vec![vec![49406, 320, 1929, 49407, 0, 0], vec![49406, 49407, 49407, 49407, 49407, 49407]];
+        assert_eq!(eos_positions(&rows, 2), vec![3, 1]);
+        // New configs: first occurrence of the EOS id, even when a larger id comes first.
+        let rows = vec![vec![7, 900, 5, 3, 3], vec![7, 3, 900, 3, 3]];
+        assert_eq!(eos_positions(&rows, 3), vec![3, 1]);
+        assert_eq!(eos_positions(&rows, 2), vec![1, 2]);
     }
 }
 

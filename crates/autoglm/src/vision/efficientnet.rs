@@ -70,9 +70,11 @@ impl EfficientNetConfig {
         }
     }
 
-    /// The preprocessing the reference evaluation uses: torchvision
-    /// `Resize(256)` (PIL bilinear) + `CenterCrop(224)`, then the Lite models'
-    /// TF normalisation `(p − 127) / 128`, i.e. mean 127/255, std 128/255.
+    /// Our preprocessing, the usual PyTorch ImageNet evaluation pipeline:
+    /// torchvision `Resize(256)` (PIL bilinear) + `CenterCrop(224)`, then the
+    /// Lite models' TF normalisation `(p − 127) / 128`, i.e. mean 127/255, std
+    /// 128/255. (TF's own Lite evaluation crops 224/256 of the short side and
+    /// resizes bicubically; the parity fixtures use this pipeline.)
     pub fn preprocess(&self) -> Preprocess {
         Preprocess {
             shortest_edge: (self.image_size * 256 / 224) as u32,
@@ -341,15 +343,16 @@ impl ImageClassifier {
     pub fn load(model_dir: &Path, labels: &Path, device: &Device) -> Result<Self> {
         let model = EfficientNet::load(model_dir, device)?;
         let text = std::fs::read_to_string(labels).map_err(|e| Error::io(labels, e))?;
-        let labels: Vec<String> = text.lines().map(str::to_string).collect();
-        if labels.len() != model.config.num_classes {
+        let names: Vec<String> = text.lines().map(str::to_string).collect();
+        if names.len() != model.config.num_classes {
             return Err(Error::Invalid(format!(
-                "{} has {} labels, the model {} classes",
-                labels.len(),
-                labels.len(),
+                "{} has {} labels but the model has {} classes; pass a labels file with one name per class, in class order",
+                labels.display(),
+                names.len(),
                 model.config.num_classes
             )));
         }
+        let labels = names;
         Ok(Self {
             preprocess: model.config.preprocess(),
             model,

@@ -5,7 +5,7 @@
 //! (`CLIPVisionEmbeddings`, `CLIPAttention`, `CLIPEncoderLayer`,
 //! `CLIPVisionTransformer`).
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use candle_nn::{layer_norm, LayerNorm, Module, VarBuilder};
 
 use crate::config::{Activation, ClipVisionConfig};
@@ -224,10 +224,4 @@ impl ClipVision {
         let x = self.encoder.forward(&self.embed(pixels)?, None)?;
         Ok(self.post_norm.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?)
     }
-}
-
-/// Index of the largest value along the last dim of a (B, T) u32 tensor —
-/// used to find EOS positions.
-pub(crate) fn argmax_rows(x: &Tensor) -> Result<Vec<usize>> {
-    Ok(x.argmax(D::Minus1)?.to_vec1::<u32>()?.into_iter().map(|i| i as usize).collect())
 }
