@@ -7,9 +7,12 @@
 #
 #   scripts/build-cuda.sh [COMPUTE_CAP]     # default 90 (Hopper: H100/H200)
 #
-# Output: target/cuda/release/autoglm, and target/cuda/lib/ with the CUDA
-# libraries it links (put it on LD_LIBRARY_PATH on the GPU machine).
-# CI does not run this.
+# Output: target/cuda/release/autoglm, and target/cuda/lib/ with links to the
+# CUDA libraries it needs at run time (cuBLAS, cuRAND, NVRTC, cudart: about
+# 880 MB, so they must be installed on the GPU machine or carried there; put
+# them on LD_LIBRARY_PATH). The driver (libcuda.so.1) comes from the GPU
+# machine. Without a usable GPU the binary warns and runs on the CPU;
+# AUTOGLM_DEVICE=cpu forces the CPU. CI does not run this.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CAP=${1:-90}
@@ -30,12 +33,16 @@ CU=$(echo "$(pwd)/$TOOLS"/venv/lib/python3*/site-packages/nvidia/cu13)
 mkdir -p target/cuda/lib
 for l in "$CU"/lib/*.so*; do ln -sf "$l" target/cuda/lib/; done
 if ! ldconfig -p | grep -q 'libcuda.so '; then
-    if [[ -e $CU/lib/stubs/libcuda.so ]]; then
-        ln -sf "$CU/lib/stubs/libcuda.so" target/cuda/lib/libcuda.so
-    else
-        echo 'int cuInit(unsigned int f){return 100;}' | cc -shared -x c -o target/cuda/lib/libcuda.so -
-        echo "build-cuda: no libcuda on this machine; linked against a stub (the GPU machine's driver provides it)" >&2
-    fi
+    # No driver here: link against a stub that defines every driver entry
+    # point cudarc declares, with the driver's soname, so that the binary
+    # loads the real libcuda.so.1 on the GPU machine.
+    cargo fetch --locked -q
+    SYS=$(find "${CARGO_HOME:-$HOME/.cargo}"/registry/src -path '*/cudarc-0.19.*/src/driver/sys/mod.rs' | head -n1)
+    [[ -n $SYS ]] || { echo "build-cuda: cudarc's driver bindings not found after cargo fetch" >&2; exit 1; }
+    grep -oE '^ +fn cu[A-Za-z0-9_]+\(' "$SYS" | grep -oE 'cu[A-Za-z0-9_]+' | sort -u \
+        | sed 's/.*/int &(void) { return 100; }/' > target/cuda/libcuda_stub.c  # 100: CUDA_ERROR_NO_DEVICE
+    cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o target/cuda/lib/libcuda.so target/cuda/libcuda_stub.c
+    echo "build-cuda: no NVIDIA driver here; linked against a stub of $(wc -l < target/cuda/libcuda_stub.c) driver functions" >&2
 fi
 for so in target/cuda/lib/lib*.so.*; do
     base=${so%%.so.*}.so

@@ -19,13 +19,21 @@ pub mod vision;
 
 pub use error::{Error, Result};
 
-/// The device the library runs on: CUDA when built with the `cuda` feature and
-/// a GPU is present, the CPU otherwise.
+/// The device the library runs on: with the `cuda` feature, GPU 0 unless
+/// `AUTOGLM_DEVICE=cpu` or no GPU can be opened (then a warning and the CPU);
+/// otherwise the CPU.
 pub fn default_device() -> Result<candle_core::Device> {
     #[cfg(feature = "cuda")]
     {
-        if candle_core::utils::cuda_is_available() {
-            return Ok(candle_core::Device::new_cuda(0)?);
+        if std::env::var("AUTOGLM_DEVICE").as_deref() != Ok("cpu") {
+            match candle_core::Device::new_cuda(0) {
+                Ok(d) => return Ok(d),
+                Err(e) => {
+                    let msg = e.to_string();
+                    let first = msg.lines().next().unwrap_or("");
+                    tracing::warn!("no usable CUDA device ({first}); running on the CPU");
+                }
+            }
         }
     }
     Ok(candle_core::Device::Cpu)
