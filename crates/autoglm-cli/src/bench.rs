@@ -67,7 +67,13 @@ struct TorchServer {
 }
 
 impl TorchServer {
-    fn start(py: &std::path::Path, script: &std::path::Path, pixels: &Tensor, sentences: &[String], threads: usize) -> Result<Self> {
+    fn start(
+        py: &std::path::Path,
+        script: &std::path::Path,
+        pixels: &Tensor,
+        sentences: &[String],
+        threads: usize,
+    ) -> Result<Self> {
         use std::io::BufRead;
         use std::process::Stdio;
         let dir = std::env::temp_dir().join(format!("autoglm-bench-{}", std::process::id()));
@@ -76,11 +82,19 @@ impl TorchServer {
             &std::collections::HashMap::from([("pixels".to_string(), pixels.clone())]),
             dir.join("pixels_b32.safetensors"),
         )?;
-        std::fs::write(dir.join("sentences.json"), serde_json::to_string(sentences)?)?;
+        std::fs::write(
+            dir.join("sentences.json"),
+            serde_json::to_string(sentences)?,
+        )?;
         eprintln!("starting PyTorch with {}…", py.display());
         let mut child = Command::new(py)
             .arg(script)
-            .args(["--dir", &dir.to_string_lossy(), "--threads", &threads.to_string()])
+            .args([
+                "--dir",
+                &dir.to_string_lossy(),
+                "--threads",
+                &threads.to_string(),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -97,7 +111,13 @@ impl TorchServer {
         let info: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| {
             format!("the PyTorch side did not start ({}); does {} have torch, efficientnet-lite-pytorch and sentence-transformers?", line.trim(), py.display())
         })?;
-        Ok(Self { child, stdin, stdout, info, dir })
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            info,
+            dir,
+        })
     }
 
     fn time(&mut self, case: &str, seconds: f64) -> Result<f64> {
@@ -108,8 +128,11 @@ impl TorchServer {
         while self.stdout.read_line(&mut line)? > 0 && !line.starts_with('{') {
             line.clear();
         }
-        let v: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| format!("PyTorch side: {line:?}"))?;
-        v["seconds_per_call"].as_f64().context("PyTorch side: no seconds_per_call")
+        let v: serde_json::Value =
+            serde_json::from_str(line.trim()).with_context(|| format!("PyTorch side: {line:?}"))?;
+        v["seconds_per_call"]
+            .as_f64()
+            .context("PyTorch side: no seconds_per_call")
     }
 }
 
@@ -139,7 +162,10 @@ pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&photos)?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     files.sort();
     let imgs = crate::commands::load_images(g, &files)?;
@@ -149,7 +175,9 @@ pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
     let pixels = pre.batch(&cycled, &dev)?;
     let sentences: Vec<String> = {
         // Built in, so the benchmark runs the same wherever the binary is.
-        let all: Vec<String> = serde_json::from_str(include_str!("../../../tests/fixtures/minilm/sentences.json"))?;
+        let all: Vec<String> = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/minilm/sentences.json"
+        ))?;
         // Everyday sentences only (the fixture's last one is a 256-token stress case).
         let short: Vec<String> = all.into_iter().filter(|s| s.len() < 200).collect();
         (0..64).map(|i| short[i % short.len()].clone()).collect()
@@ -162,10 +190,22 @@ pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
     let keys = ["effnet_b1", "effnet_b32", "minilm_b1", "minilm_b64"];
     let run_ours = |i: usize, secs: f64| -> Result<f64> {
         match i {
-            0 => time_it(secs, || { eff.forward(&p1)?; Ok(()) }),
-            1 => time_it(secs, || { eff.forward(&pixels)?; Ok(()) }),
-            2 => time_it(secs, || { enc.embed(&refs[..1], 1)?; Ok(()) }),
-            _ => time_it(secs, || { enc.embed(&refs, 64)?; Ok(()) }),
+            0 => time_it(secs, || {
+                eff.forward(&p1)?;
+                Ok(())
+            }),
+            1 => time_it(secs, || {
+                eff.forward(&pixels)?;
+                Ok(())
+            }),
+            2 => time_it(secs, || {
+                enc.embed(&refs[..1], 1)?;
+                Ok(())
+            }),
+            _ => time_it(secs, || {
+                enc.embed(&refs, 64)?;
+                Ok(())
+            }),
         }
     };
 
@@ -181,7 +221,9 @@ pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
                     a.script.display()
                 );
             }
-            Some(TorchServer::start(py, &a.script, &pixels, &sentences, threads)?)
+            Some(TorchServer::start(
+                py, &a.script, &pixels, &sentences, threads,
+            )?)
         }
     };
     const ROUNDS: usize = 3;
@@ -202,17 +244,33 @@ pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
         v[v.len() / 2]
     };
     let ours_s: Vec<f64> = ours.iter().map(|r| median(r.to_vec())).collect();
-    let torch_s: Vec<Option<f64>> = theirs.iter().map(|r| torch.as_ref().map(|_| median(r.to_vec()))).collect();
+    let torch_s: Vec<Option<f64>> = theirs
+        .iter()
+        .map(|r| torch.as_ref().map(|_| median(r.to_vec())))
+        .collect();
     let ratios: Vec<Option<f64>> = (0..4)
-        .map(|i| torch.as_ref().map(|_| median((0..ROUNDS).map(|r| theirs[i][r] / ours[i][r]).collect())))
+        .map(|i| {
+            torch
+                .as_ref()
+                .map(|_| median((0..ROUNDS).map(|r| theirs[i][r] / ours[i][r]).collect()))
+        })
         .collect();
 
     let eff_gflop = 2.0 * eff.config.macs() as f64 / 1e9;
     let cfg = enc.config();
     // Useful work: each sentence at its own length (we do not pad; PyTorch
     // pads each batch to its longest sentence and does more).
-    let lens: Vec<usize> = refs.iter().map(|s| enc.tokenizer().encode(s).map(|t| t.len())).collect::<autoglm::Result<_>>()?;
-    let minilm_gflop = |n: usize| lens[..n].iter().map(|&l| 2.0 * bert_macs(cfg, 1, l)).sum::<f64>() / 1e9;
+    let lens: Vec<usize> = refs
+        .iter()
+        .map(|s| enc.tokenizer().encode(s).map(|t| t.len()))
+        .collect::<autoglm::Result<_>>()?;
+    let minilm_gflop = |n: usize| {
+        lens[..n]
+            .iter()
+            .map(|&l| 2.0 * bert_macs(cfg, 1, l))
+            .sum::<f64>()
+            / 1e9
+    };
     let cases = [
         ("EfficientNet-Lite0", "images/s", 1usize, eff_gflop),
         ("EfficientNet-Lite0", "images/s", 32, 32.0 * eff_gflop),
@@ -243,18 +301,40 @@ pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
     }
     println!("threads: {threads}; candle f32 GEMM (1024³): {peak:.1} GFLOP/s");
     if let Some(t) = &torch {
-        println!("PyTorch {} on {} threads", t["torch"].as_str().unwrap_or("?"), t["threads"]);
+        println!(
+            "PyTorch {} on {} threads",
+            t["torch"].as_str().unwrap_or("?"),
+            t["threads"]
+        );
     }
-    println!("{:<20} {:>5} {:>14} {:>14} {:>8} {:>10}", "model", "batch", "ours", "PyTorch", "ratio", "GEMM peak");
+    println!(
+        "{:<20} {:>5} {:>14} {:>14} {:>8} {:>10}",
+        "model", "batch", "ours", "PyTorch", "ratio", "GEMM peak"
+    );
     for r in &rows {
-        let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.1}")).unwrap_or_else(|| "—".into());
+        let f = |v: &serde_json::Value| {
+            v.as_f64()
+                .map(|x| format!("{x:.1}"))
+                .unwrap_or_else(|| "—".into())
+        };
         println!(
             "{:<20} {:>5} {:>14} {:>14} {:>8} {:>9.0}%",
             r["model"].as_str().unwrap_or(""),
             r["batch"],
-            format!("{} {}", f(&r["ours_per_s"]), if r["unit"] == "images/s" { "img/s" } else { "sent/s" }),
+            format!(
+                "{} {}",
+                f(&r["ours_per_s"]),
+                if r["unit"] == "images/s" {
+                    "img/s"
+                } else {
+                    "sent/s"
+                }
+            ),
             f(&r["torch_per_s"]),
-            r["ratio"].as_f64().map(|x| format!("{x:.2}×")).unwrap_or_else(|| "—".into()),
+            r["ratio"]
+                .as_f64()
+                .map(|x| format!("{x:.2}×"))
+                .unwrap_or_else(|| "—".into()),
             r["gemm_fraction"].as_f64().unwrap_or(0.0) * 100.0
         );
     }

@@ -85,7 +85,11 @@ pub fn embed_text(g: &Global, a: EmbedTextArgs) -> Result<()> {
     let texts: Vec<&str> = a.texts.iter().map(String::as_str).collect();
     let emb = enc.embed(&texts, a.batch_size)?.to_vec2::<f32>()?;
     if g.json {
-        let items: Vec<_> = texts.iter().zip(&emb).map(|(t, e)| json!({"text": t, "embedding": e})).collect();
+        let items: Vec<_> = texts
+            .iter()
+            .zip(&emb)
+            .map(|(t, e)| json!({"text": t, "embedding": e}))
+            .collect();
         return print_json(&json!({"model": dir, "dim": enc.dim(), "embeddings": items}));
     }
     for (t, e) in texts.iter().zip(&emb) {
@@ -119,13 +123,20 @@ pub fn embed_image(g: &Global, a: EmbedImageArgs) -> Result<()> {
             let imgs = load_images(g, &a.images)?;
             let x = m.config.preprocess().batch(&imgs, &dev)?;
             let f = m.forward_features(&x)?.pooled;
-            ("efficientnet-lite0".to_string(), autoglm::text::bert::l2_normalize(&f)?)
+            (
+                "efficientnet-lite0".to_string(),
+                autoglm::text::bert::l2_normalize(&f)?,
+            )
         }
     };
     let emb = emb.to_vec2::<f32>()?;
     if g.json {
-        let items: Vec<_> =
-            a.images.iter().zip(&emb).map(|(p, e)| json!({"image": p, "embedding": e})).collect();
+        let items: Vec<_> = a
+            .images
+            .iter()
+            .zip(&emb)
+            .map(|(p, e)| json!({"image": p, "embedding": e}))
+            .collect();
         return print_json(&json!({"model": name, "dim": emb[0].len(), "embeddings": items}));
     }
     for (p, e) in a.images.iter().zip(&emb) {
@@ -161,7 +172,12 @@ pub fn classify(g: &Global, a: ClassifyArgs) -> Result<()> {
     let imgs = load_images(g, &a.images)?;
     let top = clf.top_k(&imgs, a.top_k.max(1))?;
     if g.json {
-        let items: Vec<_> = a.images.iter().zip(&top).map(|(p, t)| json!({"image": p, "top": t})).collect();
+        let items: Vec<_> = a
+            .images
+            .iter()
+            .zip(&top)
+            .map(|(p, t)| json!({"image": p, "top": t}))
+            .collect();
         return print_json(&json!({"model": "efficientnet-lite0", "results": items}));
     }
     for (p, t) in a.images.iter().zip(&top) {
@@ -188,12 +204,18 @@ pub struct ZeroShotArgs {
 }
 
 pub fn zero_shot(g: &Global, a: ZeroShotArgs) -> Result<()> {
-    let labels: Vec<&str> = a.labels.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let labels: Vec<&str> = a
+        .labels
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     if labels.is_empty() {
         anyhow::bail!("--labels is empty; pass comma-separated label prompts");
     }
     let dev = autoglm::default_device()?;
-    let p = ClipPipeline::load(&a.model, &dev).with_context(|| format!("loading {}", a.model.display()))?;
+    let p = ClipPipeline::load(&a.model, &dev)
+        .with_context(|| format!("loading {}", a.model.display()))?;
     let imgs = load_images(g, &a.images)?;
     let probs = p.zero_shot(&imgs, &labels)?.to_vec2::<f32>()?;
     if g.json {
@@ -202,7 +224,11 @@ pub fn zero_shot(g: &Global, a: ZeroShotArgs) -> Result<()> {
             .iter()
             .zip(&probs)
             .map(|(img, pr)| {
-                let per: Vec<_> = labels.iter().zip(pr).map(|(l, v)| json!({"label": l, "probability": v})).collect();
+                let per: Vec<_> = labels
+                    .iter()
+                    .zip(pr)
+                    .map(|(l, v)| json!({"label": l, "probability": v}))
+                    .collect();
                 json!({"image": img, "labels": per})
             })
             .collect();
@@ -218,4 +244,3 @@ pub fn zero_shot(g: &Global, a: ZeroShotArgs) -> Result<()> {
     }
     Ok(())
 }
-

@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "autoglm", version, about = "Open-AutoGLM: vision-language understanding in Rust")]
+#[command(
+    name = "autoglm",
+    version,
+    about = "Open-AutoGLM: vision-language understanding in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -90,7 +94,10 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     // Benchmarks default to 2 threads, so that numbers compare across machines.
-    let threads = cli.global.threads.or(matches!(cli.command, Command::Bench { .. }).then_some(2));
+    let threads = cli
+        .global
+        .threads
+        .or(matches!(cli.command, Command::Bench { .. }).then_some(2));
     if let Some(t) = threads {
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             // Before any thread pool exists: candle and our kernels read it.

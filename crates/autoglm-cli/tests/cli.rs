@@ -17,14 +17,19 @@ fn fixtures() -> PathBuf {
 }
 
 fn photo(name: &str) -> String {
-    autoglm::io::assets::dir("photos").unwrap_or_else(|e| panic!("{e}")).join(name).display().to_string()
+    autoglm::io::assets::dir("photos")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .join(name)
+        .display()
+        .to_string()
 }
 
 fn json_ok(args: &[&str]) -> serde_json::Value {
     let out = autoglm(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{args:?} failed: {stderr}");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON document: {e}"))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON document: {e}"))
 }
 
 /// Fails with exit code 1 and one line on stderr that starts with `error:`.
@@ -33,14 +38,25 @@ fn fails(args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    assert!(stderr.starts_with("error: ") && stderr.trim_end().lines().count() == 1, "{args:?}: {stderr}");
-    assert!(out.stdout.is_empty(), "{args:?} printed to stdout on failure");
+    assert!(
+        stderr.starts_with("error: ") && stderr.trim_end().lines().count() == 1,
+        "{args:?}: {stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{args:?} printed to stdout on failure"
+    );
     stderr
 }
 
 #[test]
 fn classify_json_has_top5_with_probabilities() {
-    let v = json_ok(&["classify", "--json", &photo("coffee.png"), &photo("chelsea.png")]);
+    let v = json_ok(&[
+        "classify",
+        "--json",
+        &photo("coffee.png"),
+        &photo("chelsea.png"),
+    ]);
     let results = v["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
     let top = results[0]["top"].as_array().unwrap();
@@ -55,7 +71,12 @@ fn embed_text_json_gives_unit_vectors() {
     let v = json_ok(&["embed", "text", "--json", "a cat", "ein Hund", ""]);
     assert_eq!(v["dim"], 384);
     for e in v["embeddings"].as_array().unwrap() {
-        let n: f64 = e["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap().powi(2)).sum();
+        let n: f64 = e["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap().powi(2))
+            .sum();
         assert!((n - 1.0).abs() < 1e-4);
     }
 }
@@ -63,12 +84,30 @@ fn embed_text_json_gives_unit_vectors() {
 #[test]
 fn embed_image_and_zero_shot_with_a_clip_directory() {
     let model = fixtures().join("clip-tiny-b").display().to_string();
-    let v = json_ok(&["embed", "image", "--json", "--model", &model, &photo("chelsea.png")]);
+    let v = json_ok(&[
+        "embed",
+        "image",
+        "--json",
+        "--model",
+        &model,
+        &photo("chelsea.png"),
+    ]);
     assert_eq!(v["dim"], 40);
-    let v = json_ok(&["zero-shot", "--json", "--model", &model, &photo("chelsea.png"), "--labels", "a cat, a dog,a car"]);
+    let v = json_ok(&[
+        "zero-shot",
+        "--json",
+        "--model",
+        &model,
+        &photo("chelsea.png"),
+        "--labels",
+        "a cat, a dog,a car",
+    ]);
     let labels = v["results"][0]["labels"].as_array().unwrap();
     assert_eq!(labels.len(), 3);
-    let s: f64 = labels.iter().map(|l| l["probability"].as_f64().unwrap()).sum();
+    let s: f64 = labels
+        .iter()
+        .map(|l| l["probability"].as_f64().unwrap())
+        .sum();
     assert!((s - 1.0).abs() < 1e-5);
     // Without --model: EfficientNet-Lite0 features.
     let v = json_ok(&["embed", "image", "--json", &photo("coffee.png")]);
@@ -78,8 +117,21 @@ fn embed_image_and_zero_shot_with_a_clip_directory() {
 #[test]
 fn assets_list_json() {
     let v = json_ok(&["assets", "list", "--json"]);
-    let names: Vec<&str> = v["assets"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
-    for n in ["minilm", "efficientnet-lite0", "easy-vqa", "fashion-mnist", "wordnet", "photos", "imagenet"] {
+    let names: Vec<&str> = v["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "minilm",
+        "efficientnet-lite0",
+        "easy-vqa",
+        "fashion-mnist",
+        "wordnet",
+        "photos",
+        "imagenet",
+    ] {
         assert!(names.contains(&n), "{n} not listed");
     }
 }
@@ -100,31 +152,72 @@ fn bad_inputs_fail_cleanly() {
     assert!(e.contains("truncated"), "{e}");
 
     let e = fails(&["classify", "--max-pixels", "1000", &photo("coffee.png")]);
-    assert!(e.contains("over the limit") && e.contains("--max-pixels"), "{e}");
+    assert!(
+        e.contains("over the limit") && e.contains("--max-pixels"),
+        "{e}"
+    );
 
     let e = fails(&["embed", "text", "--model", "/nonexistent/dir", "hi"]);
     assert!(e.contains("/nonexistent/dir"), "{e}");
-    let e = fails(&["zero-shot", "--model", "/nonexistent/dir", &photo("coffee.png"), "--labels", "a"]);
+    let e = fails(&[
+        "zero-shot",
+        "--model",
+        "/nonexistent/dir",
+        &photo("coffee.png"),
+        "--labels",
+        "a",
+    ]);
     assert!(e.contains("/nonexistent/dir"), "{e}");
-    fails(&["zero-shot", "--model", &fixtures().join("clip-tiny-a").display().to_string(), &photo("coffee.png"), "--labels", " , "]);
+    fails(&[
+        "zero-shot",
+        "--model",
+        &fixtures().join("clip-tiny-a").display().to_string(),
+        &photo("coffee.png"),
+        "--labels",
+        " , ",
+    ]);
 
     // A model directory whose config.json has a wrong type.
     let model = dir.path().join("clip");
     std::fs::create_dir(&model).unwrap();
-    for f in ["config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "tokenizer.json",
+    ] {
         std::fs::copy(fixtures().join("clip-tiny-a").join(f), model.join(f)).unwrap();
     }
     let cfg = std::fs::read_to_string(model.join("config.json")).unwrap();
-    std::fs::write(model.join("config.json"), cfg.replace("\"patch_size\": 8", "\"patch_size\": [8]")).unwrap();
-    let e = fails(&["embed", "image", "--model", &model.display().to_string(), &photo("coffee.png")]);
-    assert!(e.contains("config.json") && e.contains("invalid type"), "{e}");
+    std::fs::write(
+        model.join("config.json"),
+        cfg.replace("\"patch_size\": 8", "\"patch_size\": [8]"),
+    )
+    .unwrap();
+    let e = fails(&[
+        "embed",
+        "image",
+        "--model",
+        &model.display().to_string(),
+        &photo("coffee.png"),
+    ]);
+    assert!(
+        e.contains("config.json") && e.contains("invalid type"),
+        "{e}"
+    );
 
     // Weights whose header lies.
     std::fs::write(model.join("config.json"), cfg).unwrap();
     let mut st = std::fs::read(model.join("model.safetensors")).unwrap();
     st.truncate(st.len() - 100);
     std::fs::write(model.join("model.safetensors"), st).unwrap();
-    let e = fails(&["embed", "image", "--model", &model.display().to_string(), &photo("coffee.png")]);
+    let e = fails(&[
+        "embed",
+        "image",
+        "--model",
+        &model.display().to_string(),
+        &photo("coffee.png"),
+    ]);
     assert!(e.contains("not a valid safetensors file"), "{e}");
 }
 

@@ -51,7 +51,9 @@ fn check_heads(path: &Path, what: &str, hidden: usize, heads: usize, layers: usi
     if hidden == 0 || heads == 0 || layers == 0 {
         return Err(invalid(
             path,
-            format!("{what}: hidden_size, num_attention_heads and num_hidden_layers must be positive"),
+            format!(
+                "{what}: hidden_size, num_attention_heads and num_hidden_layers must be positive"
+            ),
         ));
     }
     if hidden % heads != 0 {
@@ -103,7 +105,13 @@ fn default_abs() -> String {
 
 impl BertConfig {
     pub fn validate(&self, path: &Path) -> Result<()> {
-        check_heads(path, "bert", self.hidden_size, self.num_attention_heads, self.num_hidden_layers)?;
+        check_heads(
+            path,
+            "bert",
+            self.hidden_size,
+            self.num_attention_heads,
+            self.num_hidden_layers,
+        )?;
         if self.position_embedding_type != "absolute" {
             return Err(invalid(
                 path,
@@ -209,9 +217,21 @@ impl ClipConfig {
             }
         }
         let t = &self.text_config;
-        check_heads(path, "text_config", t.hidden_size, t.num_attention_heads, t.num_hidden_layers)?;
+        check_heads(
+            path,
+            "text_config",
+            t.hidden_size,
+            t.num_attention_heads,
+            t.num_hidden_layers,
+        )?;
         let v = &self.vision_config;
-        check_heads(path, "vision_config", v.hidden_size, v.num_attention_heads, v.num_hidden_layers)?;
+        check_heads(
+            path,
+            "vision_config",
+            v.hidden_size,
+            v.num_attention_heads,
+            v.num_hidden_layers,
+        )?;
         if v.patch_size == 0 || v.image_size < v.patch_size {
             return Err(invalid(
                 path,
@@ -222,7 +242,10 @@ impl ClipConfig {
             ));
         }
         if self.projection_dim == 0 || t.max_position_embeddings == 0 {
-            return Err(invalid(path, "projection_dim and max_position_embeddings must be positive".into()));
+            return Err(invalid(
+                path,
+                "projection_dim and max_position_embeddings must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -287,27 +310,49 @@ impl ImageProcessorConfig {
         if !self.do_resize || !self.do_center_crop || !self.do_rescale || !self.do_normalize {
             return Err(invalid(
                 path,
-                "only processors that resize, center-crop, rescale and normalise are supported".into(),
+                "only processors that resize, center-crop, rescale and normalise are supported"
+                    .into(),
             ));
         }
         if (self.rescale_factor - 1.0 / 255.0).abs() > 1e-9 {
-            return Err(invalid(path, format!("rescale_factor {} is not 1/255", self.rescale_factor)));
+            return Err(invalid(
+                path,
+                format!("rescale_factor {} is not 1/255", self.rescale_factor),
+            ));
         }
         let shortest = match &self.size {
             Some(SizeSpec::Int(s)) => *s,
-            Some(SizeSpec::Dict { shortest_edge: Some(s), .. }) => *s,
-            _ => return Err(invalid(path, "`size` must be a number or {\"shortest_edge\": N}".into())),
+            Some(SizeSpec::Dict {
+                shortest_edge: Some(s),
+                ..
+            }) => *s,
+            _ => {
+                return Err(invalid(
+                    path,
+                    "`size` must be a number or {\"shortest_edge\": N}".into(),
+                ))
+            }
         };
         let crop = match &self.crop_size {
             Some(SizeSpec::Int(s)) => (*s, *s),
-            Some(SizeSpec::Dict { height: Some(h), width: Some(w), .. }) => (*h, *w),
+            Some(SizeSpec::Dict {
+                height: Some(h),
+                width: Some(w),
+                ..
+            }) => (*h, *w),
             None => (shortest, shortest),
-            _ => return Err(invalid(path, "`crop_size` must be a number or {\"height\", \"width\"}".into())),
+            _ => {
+                return Err(invalid(
+                    path,
+                    "`crop_size` must be a number or {\"height\", \"width\"}".into(),
+                ))
+            }
         };
         if shortest == 0 || crop.0 == 0 || crop.1 == 0 {
             return Err(invalid(path, "size and crop_size must be positive".into()));
         }
-        let resample = Resample::from_pil_code(self.resample).map_err(|e| invalid(path, e.to_string()))?;
+        let resample =
+            Resample::from_pil_code(self.resample).map_err(|e| invalid(path, e.to_string()))?;
         Ok(Preprocess {
             shortest_edge: shortest,
             resample,

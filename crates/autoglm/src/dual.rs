@@ -44,8 +44,16 @@ impl Clip {
         Ok(Self {
             vision: ClipVision::new(vb.pp("vision_model"), &cfg.vision_config)?,
             text: ClipText::new(vb.pp("text_model"), &cfg.text_config)?,
-            visual_projection: linear_no_bias(cfg.vision_config.hidden_size, p, vb.pp("visual_projection"))?,
-            text_projection: linear_no_bias(cfg.text_config.hidden_size, p, vb.pp("text_projection"))?,
+            visual_projection: linear_no_bias(
+                cfg.vision_config.hidden_size,
+                p,
+                vb.pp("visual_projection"),
+            )?,
+            text_projection: linear_no_bias(
+                cfg.text_config.hidden_size,
+                p,
+                vb.pp("text_projection"),
+            )?,
             logit_scale: vb.get((), "logit_scale")?,
             config: cfg.clone(),
         })
@@ -53,19 +61,29 @@ impl Clip {
 
     /// Unit-length image embeddings. `pixels`: (B, 3, S, S) → (B, P)
     pub fn image_embeds(&self, pixels: &Tensor) -> Result<Tensor> {
-        l2_normalize(&self.visual_projection.forward(&self.vision.pooled(pixels)?)?)
+        l2_normalize(
+            &self
+                .visual_projection
+                .forward(&self.vision.pooled(pixels)?)?,
+        )
     }
 
     /// Unit-length text embeddings. `ids`, `mask`: (B, T) → (B, P)
     pub fn text_embeds(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        l2_normalize(&self.text_projection.forward(&self.text.pooled(ids, mask)?)?)
+        l2_normalize(
+            &self
+                .text_projection
+                .forward(&self.text.pooled(ids, mask)?)?,
+        )
     }
 
     pub fn forward(&self, pixels: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<ClipOutput> {
         let image_embeds = self.image_embeds(pixels)?;
         let text_embeds = self.text_embeds(ids, mask)?;
         let scale = self.logit_scale.exp()?;
-        let logits_per_image = image_embeds.matmul(&text_embeds.t()?)?.broadcast_mul(&scale)?;
+        let logits_per_image = image_embeds
+            .matmul(&text_embeds.t()?)?
+            .broadcast_mul(&scale)?;
         Ok(ClipOutput {
             image_embeds,
             text_embeds,
@@ -98,8 +116,12 @@ impl ClipPipeline {
         let cfg: ClipConfig = crate::io::read_json(&cfg_path)?;
         cfg.validate(&cfg_path)?;
         let pp_path = dir.join("preprocessor_config.json");
-        let preprocess = crate::io::read_json::<ImageProcessorConfig>(&pp_path)?.to_preprocess(&pp_path)?;
-        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), cfg.text_config.max_position_embeddings)?;
+        let preprocess =
+            crate::io::read_json::<ImageProcessorConfig>(&pp_path)?.to_preprocess(&pp_path)?;
+        let tokenizer = Tokenizer::from_file(
+            &dir.join("tokenizer.json"),
+            cfg.text_config.max_position_embeddings,
+        )?;
         let vb = Safetensors::open_dir(dir)?.var_builder(DType::F32, device);
         let model = Clip::new(vb, &cfg)?;
         let pad_id = cfg.text_config.pad_token_id;

@@ -56,7 +56,12 @@ fn gelu_erf(v: f32) -> f32 {
 
 /// `out[r][c] = f(x[r][c] + b[c])`, rows spread over threads. Generic over
 /// `f` so that each activation gets its own vectorised loop.
-fn bias_map(x: &[f32], b: &[f32], out: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32 + Sync + Copy) {
+fn bias_map(
+    x: &[f32],
+    b: &[f32],
+    out: &mut [MaybeUninit<f32>],
+    f: impl Fn(f32) -> f32 + Sync + Copy,
+) {
     let c = b.len();
     let avx2 = avx2_available();
     // Chunks of whole rows, large enough to amortise scheduling.
@@ -117,12 +122,17 @@ impl CustomOp2 for BiasAct {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, b) = match (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets()) {
-            (CpuStorage::F32(x), Some((xs, xe)), CpuStorage::F32(b), Some((bs, be))) => (&x[xs..xe], &b[bs..be]),
+            (CpuStorage::F32(x), Some((xs, xe)), CpuStorage::F32(b), Some((bs, be))) => {
+                (&x[xs..xe], &b[bs..be])
+            }
             _ => candle_core::bail!("bias-act: needs contiguous f32 tensors"),
         };
         let c = b.len();
         if c == 0 || l1.dims().last() != Some(&c) {
-            candle_core::bail!("bias-act: bias of {c} values for an input of shape {:?}", l1.dims())
+            candle_core::bail!(
+                "bias-act: bias of {c} values for an input of shape {:?}",
+                l1.dims()
+            )
         }
         let n = x.len();
         // Every output is written exactly once, so skip zero-filling.
@@ -145,7 +155,9 @@ impl CustomOp2 for BiasAct {
 /// `x`: (…, C), `bias`: (C) → (…, C)
 pub fn bias_act(x: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        return Ok(x.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &BiasAct(act))?);
+        return Ok(x
+            .contiguous()?
+            .apply_op2_no_bwd(&bias.contiguous()?, &BiasAct(act))?);
     }
     let y = x.broadcast_add(bias)?;
     Ok(match act {
@@ -163,8 +175,20 @@ mod tests {
     #[test]
     fn erf_is_accurate() {
         // Reference values of erf.
-        for (x, want) in [(0.0f32, 0.0f32), (0.5, 0.520_499_9), (1.0, 0.842_700_8), (-2.0, -0.995_322_3), (3.5, 0.999_999_26), (-0.1, -0.112_462_92), (5.0, 1.0)] {
-            assert!((erf_f32(x) - want).abs() < 3e-7, "erf({x}) = {} ≠ {want}", erf_f32(x));
+        for (x, want) in [
+            (0.0f32, 0.0f32),
+            (0.5, 0.520_499_9),
+            (1.0, 0.842_700_8),
+            (-2.0, -0.995_322_3),
+            (3.5, 0.999_999_3),
+            (-0.1, -0.112_462_92),
+            (5.0, 1.0),
+        ] {
+            assert!(
+                (erf_f32(x) - want).abs() < 3e-7,
+                "erf({x}) = {} ≠ {want}",
+                erf_f32(x)
+            );
         }
     }
 
@@ -180,7 +204,11 @@ mod tests {
             (Act::GeluErf, y.gelu_erf()?),
         ] {
             let got = bias_act(&x, &b, act)?;
-            let err = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let err = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
             assert!(err < 1e-5, "{act:?}: {err}");
         }
         Ok(())

@@ -18,7 +18,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -59,10 +63,18 @@ fn image_err_named(bytes: &[u8], name: &str) -> String {
 #[test]
 fn huge_claimed_dimensions_are_refused_before_allocating() {
     let e = image_err(&png_header(50_000, 50_000, &[]));
-    assert!(e.contains("50000×50000") && e.contains("--max-pixels"), "{e}");
+    assert!(
+        e.contains("50000×50000") && e.contains("--max-pixels"),
+        "{e}"
+    );
     // Raising the limit lets the header through; the missing data is then the error.
-    let big = ImageLimits { max_pixels: u64::MAX, ..ImageLimits::default() };
-    let e = decode(&png_header(50_000, 50_000, &[]), "input", big).unwrap_err().to_string();
+    let big = ImageLimits {
+        max_pixels: u64::MAX,
+        ..ImageLimits::default()
+    };
+    let e = decode(&png_header(50_000, 50_000, &[]), "input", big)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("corrupt or truncated"), "{e}");
 }
 
@@ -84,9 +96,16 @@ fn truncated_and_corrupt_images() {
     for name in ["chelsea.png", "rocket.jpg", "no_time_for_that_tiny.gif"] {
         let bytes = std::fs::read(photos.join(name)).unwrap();
         // Cut inside the first (for GIF: the only decoded) frame.
-        let cut = if name.ends_with(".gif") { 830 } else { bytes.len() / 3 };
+        let cut = if name.ends_with(".gif") {
+            830
+        } else {
+            bytes.len() / 3
+        };
         let e = image_err_named(&bytes[..cut], &format!("truncated {name}"));
-        assert!(e.contains("corrupt or truncated") || e.contains("JPEG"), "{name}: {e}");
+        assert!(
+            e.contains("corrupt or truncated") || e.contains("JPEG"),
+            "{name}: {e}"
+        );
         // Garbage after a valid signature.
         let mut garbage = bytes[..16].to_vec();
         garbage.extend((0..4000u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8));
@@ -102,9 +121,13 @@ fn text_and_empty_files_are_not_images() {
     let e = image_err(b"");
     assert!(e.contains("empty"), "{e}");
     let dir = tempfile::tempdir().unwrap();
-    let e = load(dir.path(), ImageLimits::default()).unwrap_err().to_string();
+    let e = load(dir.path(), ImageLimits::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("directory"), "{e}");
-    let e = load(&dir.path().join("nope.png"), ImageLimits::default()).unwrap_err().to_string();
+    let e = load(&dir.path().join("nope.png"), ImageLimits::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("cannot read"), "{e}");
 }
 
@@ -117,7 +140,10 @@ fn missing_model_directories() {
         EfficientNet::load(d, &Device::Cpu).err().unwrap(),
     ] {
         let msg = e.to_string();
-        assert!(matches!(e, Error::Missing { .. }) && msg.contains("/nonexistent/model"), "{msg}");
+        assert!(
+            matches!(e, Error::Missing { .. }) && msg.contains("/nonexistent/model"),
+            "{msg}"
+        );
     }
 }
 
@@ -139,11 +165,27 @@ fn config_with_wrong_types_names_the_field() {
     std::fs::write(dir.path().join("config.json"), bad).unwrap();
     let e = ClipPipeline::load(dir.path(), &Device::Cpu).err().unwrap();
     let msg = e.to_string();
-    assert!(matches!(e, Error::Config { .. }) && msg.contains("config.json") && msg.contains("invalid type"), "{msg}");
+    assert!(
+        matches!(e, Error::Config { .. })
+            && msg.contains("config.json")
+            && msg.contains("invalid type"),
+        "{msg}"
+    );
 
     // Well-typed but impossible: heads that do not divide the width.
-    std::fs::write(dir.path().join("config.json"), cfg.replacen("\"num_attention_heads\": 4", "\"num_attention_heads\": 5", 1)).unwrap();
-    let msg = ClipPipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replacen(
+            "\"num_attention_heads\": 4",
+            "\"num_attention_heads\": 5",
+            1,
+        ),
+    )
+    .unwrap();
+    let msg = ClipPipeline::load(dir.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("not divisible"), "{msg}");
 }
 
@@ -153,9 +195,21 @@ fn checkpoint_disagreeing_with_its_config_names_tensor_and_shapes() {
     copy_dir(&fixtures().join("clip-tiny-a"), dir.path());
     let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
     // Consistent config (64/4 heads → 128/4), wrong for these weights.
-    std::fs::write(dir.path().join("config.json"), cfg.replacen("\"intermediate_size\": 96", "\"intermediate_size\": 100", 1)).unwrap();
-    let msg = ClipPipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
-    assert!(msg.contains("text_model.encoder.layers.0.mlp.fc1.weight") && msg.contains("[100, 48]") && msg.contains("[96, 48]"), "{msg}");
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replacen("\"intermediate_size\": 96", "\"intermediate_size\": 100", 1),
+    )
+    .unwrap();
+    let msg = ClipPipeline::load(dir.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("text_model.encoder.layers.0.mlp.fc1.weight")
+            && msg.contains("[100, 48]")
+            && msg.contains("[96, 48]"),
+        "{msg}"
+    );
 }
 
 /// Writes a safetensors file with the given JSON header and data bytes.
@@ -172,26 +226,43 @@ fn lying_safetensors_headers() {
     let p = dir.path().join("model.safetensors");
     let cases = [
         // Offsets beyond the data.
-        (r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,1000]}}"#, 16),
+        (
+            r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,1000]}}"#,
+            16,
+        ),
         // Dtype that does not match the byte length (4 elements of F64 = 32 bytes).
-        (r#"{"w":{"dtype":"F64","shape":[4],"data_offsets":[0,16]}}"#, 16),
+        (
+            r#"{"w":{"dtype":"F64","shape":[4],"data_offsets":[0,16]}}"#,
+            16,
+        ),
         // Overlapping tensors.
-        (r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#, 24),
+        (
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#,
+            24,
+        ),
         // Unknown dtype and malformed JSON.
-        (r#"{"w":{"dtype":"F33","shape":[4],"data_offsets":[0,16]}}"#, 16),
+        (
+            r#"{"w":{"dtype":"F33","shape":[4],"data_offsets":[0,16]}}"#,
+            16,
+        ),
         (r#"{"w":{"dtype":"F32""#, 16),
     ];
     for (header, n) in cases {
         raw_safetensors(&p, header, &vec![0u8; n]);
-        let e = Safetensors::open(&[p.clone()]).err().unwrap_or_else(|| panic!("accepted: {header}"));
+        let e = Safetensors::open(std::slice::from_ref(&p))
+            .err()
+            .unwrap_or_else(|| panic!("accepted: {header}"));
         let msg = e.to_string();
-        assert!(matches!(e, Error::Weights { .. }) && msg.contains("not a valid safetensors file"), "{msg}");
+        assert!(
+            matches!(e, Error::Weights { .. }) && msg.contains("not a valid safetensors file"),
+            "{msg}"
+        );
     }
     // A header length larger than the file.
     let mut v = u64::MAX.to_le_bytes().to_vec();
     v.extend_from_slice(b"{}");
     std::fs::write(&p, v).unwrap();
-    assert!(Safetensors::open(&[p.clone()]).is_err());
+    assert!(Safetensors::open(std::slice::from_ref(&p)).is_err());
     // Too short to hold a header at all.
     std::fs::write(&p, b"abc").unwrap();
     assert!(Safetensors::open(&[p]).is_err());
@@ -201,18 +272,36 @@ fn lying_safetensors_headers() {
 fn missing_tensor_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("model.safetensors");
-    raw_safetensors(&p, r#"{"_conv_stem.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, &[0; 4]);
-    let msg = EfficientNet::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
-    assert!(msg.contains("_conv_stem.weight") && msg.contains("expected shape [32, 3, 3, 3]"), "{msg}");
-    raw_safetensors(&p, r#"{"other":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, &[0; 4]);
-    let msg = EfficientNet::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    raw_safetensors(
+        &p,
+        r#"{"_conv_stem.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+        &[0; 4],
+    );
+    let msg = EfficientNet::load(dir.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("_conv_stem.weight") && msg.contains("expected shape [32, 3, 3, 3]"),
+        "{msg}"
+    );
+    raw_safetensors(
+        &p,
+        r#"{"other":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+        &[0; 4],
+    );
+    let msg = EfficientNet::load(dir.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("`_conv_stem.weight` is missing"), "{msg}");
 }
 
 #[test]
 fn wrong_image_size_for_the_vision_tower() {
     let p = ClipPipeline::load(&fixtures().join("clip-tiny-a"), &Device::Cpu).unwrap();
-    let x = candle_core::Tensor::zeros((1, 3, 40, 40), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let x =
+        candle_core::Tensor::zeros((1, 3, 40, 40), candle_core::DType::F32, &Device::Cpu).unwrap();
     let msg = p.model.image_embeds(&x).err().unwrap().to_string();
     assert!(msg.contains("3×32×32") && msg.contains("3×40×40"), "{msg}");
 }

@@ -18,9 +18,17 @@ fn formats_and_modes_match_pil() {
             continue;
         }
         let got = load(&path, ImageLimits::default()).unwrap_or_else(|e| panic!("{e}"));
-        let want = image::open(dir.join(format!("{name}.pil.png"))).unwrap().into_rgb8();
+        let want = image::open(dir.join(format!("{name}.pil.png")))
+            .unwrap()
+            .into_rgb8();
         assert_eq!(got.dimensions(), want.dimensions(), "{name}");
-        let worst = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        let worst = got
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
         eprintln!("{name}: max difference {worst}/255");
         assert_eq!(worst, 0, "{name}: differs from PIL by {worst}/255");
         n += 1;

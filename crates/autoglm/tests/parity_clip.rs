@@ -21,7 +21,9 @@ fn check(name: &str) {
     let dir = fixtures().join(name);
     let p = ClipPipeline::load(&dir, &dev).unwrap();
     let want = load_fixture(&dir.join("reference.safetensors"));
-    let r: Reference = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let r: Reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
 
     // Tokenisation, including truncation of the over-long text to 77.
     let texts: Vec<&str> = r.texts.iter().map(String::as_str).collect();
@@ -30,10 +32,17 @@ fn check(name: &str) {
     let want_ids = want["input_ids"].to_dtype(DType::U32).unwrap();
     let ids = want_ids.broadcast_mul(&want_mask).unwrap();
     let ours = batch.ids.broadcast_mul(&batch.mask).unwrap();
-    assert_eq!(ours.to_vec2::<u32>().unwrap(), ids.to_vec2::<u32>().unwrap(), "{name}: token ids");
+    assert_eq!(
+        ours.to_vec2::<u32>().unwrap(),
+        ids.to_vec2::<u32>().unwrap(),
+        "{name}: token ids"
+    );
 
     // Model alone, on the reference's own pixels and ids.
-    let out = p.model.forward(&want["pixel_values"], &want_ids, &want_mask).unwrap();
+    let out = p
+        .model
+        .forward(&want["pixel_values"], &want_ids, &want_mask)
+        .unwrap();
     for (k, got) in [
         ("image_embeds", &out.image_embeds),
         ("text_embeds", &out.text_embeds),
@@ -44,12 +53,19 @@ fn check(name: &str) {
         assert!(d < TOL, "{name} {k}: {d}");
     }
     let hidden = p.model.vision.forward(&want["pixel_values"]).unwrap();
-    let d = max_abs_diff(hidden.hidden_states.last().unwrap(), &want["vision_last_hidden_state"]);
+    let d = max_abs_diff(
+        hidden.hidden_states.last().unwrap(),
+        &want["vision_last_hidden_state"],
+    );
     assert!(d < TOL, "{name} vision hidden: {d}");
 
     // End to end: our preprocessing of the real photos and our tokenizer.
     let photos = asset("photos");
-    let images: Vec<_> = r.photos.iter().map(|f| load(&photos.join(f), ImageLimits::default()).unwrap()).collect();
+    let images: Vec<_> = r
+        .photos
+        .iter()
+        .map(|f| load(&photos.join(f), ImageLimits::default()).unwrap())
+        .collect();
     let pixels = p.pixels(&images).unwrap();
     let dp = max_abs_diff(&pixels, &want["pixel_values"]);
     // One 8-bit level is 1/255/std ≈ 0.015 after normalisation.

@@ -17,12 +17,23 @@ struct Reference {
 #[test]
 fn logits_and_top5_match_pytorch_on_every_photo() {
     let dev = Device::Cpu;
-    let clf = ImageClassifier::load(&asset("efficientnet-lite0"), &asset("imagenet").join("labels.txt"), &dev).unwrap();
-    let r: Reference =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("efficientnet/reference.json")).unwrap()).unwrap();
+    let clf = ImageClassifier::load(
+        &asset("efficientnet-lite0"),
+        &asset("imagenet").join("labels.txt"),
+        &dev,
+    )
+    .unwrap();
+    let r: Reference = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("efficientnet/reference.json")).unwrap(),
+    )
+    .unwrap();
     let want = &load_fixture(&fixtures().join("efficientnet/logits.safetensors"))["logits"];
     let photos = asset("photos");
-    let images: Vec<_> = r.photos.iter().map(|p| load(&photos.join(p), ImageLimits::default()).unwrap()).collect();
+    let images: Vec<_> = r
+        .photos
+        .iter()
+        .map(|p| load(&photos.join(p), ImageLimits::default()).unwrap())
+        .collect();
     let got = clf.logits(&images).unwrap();
     for (i, name) in r.photos.iter().enumerate() {
         let d = max_abs_diff(&got.get(i).unwrap(), &want.get(i).unwrap());
@@ -43,19 +54,37 @@ fn logits_and_top5_match_pytorch_on_every_photo() {
 #[test]
 fn stage_and_pooled_features_match_pytorch() {
     let dev = Device::Cpu;
-    let clf = ImageClassifier::load(&asset("efficientnet-lite0"), &asset("imagenet").join("labels.txt"), &dev).unwrap();
-    let r: Reference =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("efficientnet/reference.json")).unwrap()).unwrap();
+    let clf = ImageClassifier::load(
+        &asset("efficientnet-lite0"),
+        &asset("imagenet").join("labels.txt"),
+        &dev,
+    )
+    .unwrap();
+    let r: Reference = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("efficientnet/reference.json")).unwrap(),
+    )
+    .unwrap();
     let want = load_fixture(&fixtures().join("efficientnet/features.safetensors"));
     let photos = asset("photos");
-    let images: Vec<_> = r.photos.iter().map(|p| load(&photos.join(p), ImageLimits::default()).unwrap()).collect();
-    let f = clf.model.forward_features(&clf.preprocess.batch(&images, &dev).unwrap()).unwrap();
+    let images: Vec<_> = r
+        .photos
+        .iter()
+        .map(|p| load(&photos.join(p), ImageLimits::default()).unwrap())
+        .collect();
+    let f = clf
+        .model
+        .forward_features(&clf.preprocess.batch(&images, &dev).unwrap())
+        .unwrap();
     let d = max_abs_diff(&f.pooled, &want["pooled"]);
     assert!(d < 1e-4, "pooled features differ by {d}");
     for (i, stage) in f.stages.iter().enumerate() {
         let first = stage.get(0).unwrap(); // (C, H, W) of the first photo
-        // The reference keeps per-channel means of the three large early stages.
-        let got = if i < 3 { first.mean((1, 2)).unwrap() } else { first };
+                                           // The reference keeps per-channel means of the three large early stages.
+        let got = if i < 3 {
+            first.mean((1, 2)).unwrap()
+        } else {
+            first
+        };
         let d = max_abs_diff(&got, &want[&format!("stage{i}")]);
         eprintln!("stage {i}: max abs diff {d:.2e}");
         assert!(d < 1e-3, "stage {i} differs by {d}");
@@ -65,7 +94,12 @@ fn stage_and_pooled_features_match_pytorch() {
 #[test]
 fn stage_features_have_the_documented_shapes() {
     let dev = Device::Cpu;
-    let clf = ImageClassifier::load(&asset("efficientnet-lite0"), &asset("imagenet").join("labels.txt"), &dev).unwrap();
+    let clf = ImageClassifier::load(
+        &asset("efficientnet-lite0"),
+        &asset("imagenet").join("labels.txt"),
+        &dev,
+    )
+    .unwrap();
     let img = load(&asset("photos").join("chelsea.png"), ImageLimits::default()).unwrap();
     let x = clf.preprocess.batch(&[img], &dev).unwrap();
     let f = clf.model.forward_features(&x).unwrap();

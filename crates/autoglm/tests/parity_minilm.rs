@@ -20,12 +20,18 @@ fn tokens_match_reference_including_truncation() {
         max_seq_length: usize,
         input_ids: Vec<Vec<u32>>,
     }
-    let t: Tokens =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("minilm/tokens.json")).unwrap()).unwrap();
+    let t: Tokens = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("minilm/tokens.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(enc.tokenizer().max_len(), t.max_seq_length);
     let s = sentences();
     for (text, want) in s.iter().zip(&t.input_ids) {
-        assert_eq!(&enc.tokenizer().encode(text).unwrap(), want, "tokens of {text:?}");
+        assert_eq!(
+            &enc.tokenizer().encode(text).unwrap(),
+            want,
+            "tokens of {text:?}"
+        );
     }
     // The long sentence really is cut at the limit.
     assert_eq!(t.input_ids.iter().map(Vec::len).max(), Some(256));
@@ -40,10 +46,10 @@ fn embeddings_match_sentence_transformers() {
     assert!(refs.len() >= 20);
     let got = enc.embed(&refs, 8).unwrap();
     let mut worst = 1f32;
-    for i in 0..refs.len() {
+    for (i, text) in refs.iter().enumerate() {
         let c = cosine(&got.get(i).unwrap(), &want.get(i).unwrap());
         worst = worst.min(c);
-        assert!(c >= 0.9999, "sentence {i} {:?}: cosine {c}", refs[i]);
+        assert!(c >= 0.9999, "sentence {i} {text:?}: cosine {c}");
     }
     eprintln!("MiniLM worst cosine vs sentence-transformers: {worst}");
     let diff = max_abs_diff(&got, want);
@@ -70,7 +76,10 @@ fn unpadded_equals_padded_masked_forward() {
     use autoglm::text::tokenizer::Tokenizer;
     let enc = SentenceEncoder::load(&asset("minilm"), &Device::Cpu).unwrap();
     let s = sentences();
-    let seqs: Vec<Vec<u32>> = s.iter().map(|t| enc.tokenizer().encode(t).unwrap()).collect();
+    let seqs: Vec<Vec<u32>> = s
+        .iter()
+        .map(|t| enc.tokenizer().encode(t).unwrap())
+        .collect();
     let b = Tokenizer::pad(&seqs, enc.pad_id(), &Device::Cpu).unwrap();
     let hidden = enc.bert().forward(&b.ids, &b.mask).unwrap();
     let padded = l2_normalize(&mean_pool(&hidden, &b.mask).unwrap()).unwrap();

@@ -16,14 +16,18 @@ fn compare(p: &Preprocess, suffix: &str, tol: i32) {
     for entry in std::fs::read_dir(fixtures().join("preprocess")).unwrap() {
         let path = entry.unwrap().path();
         let fname = path.file_name().unwrap().to_str().unwrap().to_string();
-        let Some(stem) = fname.strip_suffix(suffix) else { continue };
+        let Some(stem) = fname.strip_suffix(suffix) else {
+            continue;
+        };
         let src = ["png", "jpg", "gif"]
             .iter()
             .map(|e| photos.join(format!("{stem}.{e}")))
             .find(|p| p.is_file())
             .unwrap_or_else(|| panic!("no photo for {fname}"));
         let want = image::open(&path).unwrap().into_rgb8();
-        let got = p.resize_crop(&load(&src, ImageLimits::default()).unwrap()).unwrap();
+        let got = p
+            .resize_crop(&load(&src, ImageLimits::default()).unwrap())
+            .unwrap();
         assert_eq!(got.dimensions(), want.dimensions(), "{fname}");
         let worst = got
             .as_raw()

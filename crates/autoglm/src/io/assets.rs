@@ -68,7 +68,9 @@ pub fn home() -> PathBuf {
     if let Some(h) = std::env::var_os("AUTOGLM_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(h);
     }
-    let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let base = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     base.join(".cache").join("autoglm")
 }
 
@@ -126,7 +128,9 @@ pub fn list() -> Vec<AssetStatus> {
 }
 
 fn dir_size(p: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
     rd.flatten()
         .map(|e| match e.file_type() {
             Ok(t) if t.is_dir() => dir_size(&e.path()),

@@ -108,7 +108,9 @@ pub fn decode(bytes: &[u8], name: &str, limits: ImageLimits) -> Result<RgbImage>
         .into_dimensions()
         .map_err(|e| err(format!("corrupt or truncated {format:?} header ({e}); the file is damaged: re-download or re-save it")))?;
     if w == 0 || h == 0 {
-        return Err(err(format!("has zero size ({w}×{h}); the file is damaged: re-save it")));
+        return Err(err(format!(
+            "has zero size ({w}×{h}); the file is damaged: re-save it"
+        )));
     }
     let pixels = w as u64 * h as u64;
     if pixels > limits.max_pixels {
@@ -149,7 +151,8 @@ fn jpeg_error_mgr() -> mozjpeg_sys::jpeg_error_mgr {
             let err = &*cinfo.err;
             match err.format_message {
                 Some(f) => {
-                    let f: unsafe extern "C-unwind" fn(&mut jpeg_common_struct, &mut [u8; 80]) = std::mem::transmute(f);
+                    let f: unsafe extern "C-unwind" fn(&mut jpeg_common_struct, &mut [u8; 80]) =
+                        std::mem::transmute(f);
                     let mut buf = [0u8; 80];
                     f(cinfo, &mut buf);
                     let end = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
@@ -167,7 +170,9 @@ fn jpeg_error_mgr() -> mozjpeg_sys::jpeg_error_mgr {
         // SAFETY: as above.
         let code = unsafe { (*cinfo.err).msg_code };
         if level < 0 && code == JWRN_JPEG_EOF as c_int {
-            std::panic::resume_unwind(Box::new("premature end of data (the file is truncated)".to_string()));
+            std::panic::resume_unwind(Box::new(
+                "premature end of data (the file is truncated)".to_string(),
+            ));
         }
     }
     // SAFETY: jpeg_std_error fills every field of the zeroed struct.
@@ -185,7 +190,9 @@ fn jpeg_error_mgr() -> mozjpeg_sys::jpeg_error_mgr {
 /// running the panic hook); they are caught here and become errors.
 fn decode_jpeg(bytes: &[u8], w: u32, h: u32) -> std::result::Result<RgbImage, String> {
     let run = || -> std::io::Result<Vec<[u8; 3]>> {
-        let d = mozjpeg::Decompress::builder().with_err(jpeg_error_mgr()).from_mem(bytes)?;
+        let d = mozjpeg::Decompress::builder()
+            .with_err(jpeg_error_mgr())
+            .from_mem(bytes)?;
         // libjpeg parses the header itself: hold it to the size we checked.
         if d.size() != (w as usize, h as usize) {
             return Err(std::io::Error::other(format!(

@@ -123,7 +123,13 @@ fn coeffs(in_size: usize, out_size: usize, filter: Resample) -> Coeffs {
         let one = (1u32 << PRECISION_BITS) as f64;
         let k = k
             .into_iter()
-            .map(|w| if w < 0.0 { (-0.5 + w * one) as i32 } else { (0.5 + w * one) as i32 })
+            .map(|w| {
+                if w < 0.0 {
+                    (-0.5 + w * one) as i32
+                } else {
+                    (0.5 + w * one) as i32
+                }
+            })
             .collect();
         starts.push(xmin);
         weights.push(k);
@@ -193,7 +199,11 @@ impl Preprocess {
     /// torchvision's `Resize(int)` compute it: `int(s * long / short)`.
     pub fn resized_size(&self, h: u32, w: u32) -> (u32, u32) {
         let s = self.shortest_edge as u64;
-        let (short, long) = if w <= h { (w as u64, h as u64) } else { (h as u64, w as u64) };
+        let (short, long) = if w <= h {
+            (w as u64, h as u64)
+        } else {
+            (h as u64, w as u64)
+        };
         let new_long = ((s * long) as f64 / short as f64) as u32;
         if w <= h {
             (new_long, s as u32)

@@ -74,7 +74,11 @@ impl Safetensors {
                     msg: "weight_map is empty; re-export the checkpoint".into(),
                 });
             }
-            if let Some(bad) = files.iter().find(|f| Path::new(f).components().any(|c| !matches!(c, std::path::Component::Normal(_)))) {
+            if let Some(bad) = files.iter().find(|f| {
+                Path::new(f)
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            }) {
                 return Err(Error::Weights {
                     path: index,
                     msg: format!("shard `{bad}` is not a plain file name in the model directory"),
@@ -100,7 +104,9 @@ impl Safetensors {
 
     /// Loads one tensor by name, whatever its shape.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        self.inner.load(name, device).map_err(|_| self.missing(name))
+        self.inner
+            .load(name, device)
+            .map_err(|_| self.missing(name))
     }
 
     fn missing(&self, name: &str) -> Error {

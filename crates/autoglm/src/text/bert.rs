@@ -28,8 +28,16 @@ impl Embeddings {
     fn new(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         Ok(Self {
             word: embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("word_embeddings"))?,
-            position: embedding(cfg.max_position_embeddings, cfg.hidden_size, vb.pp("position_embeddings"))?,
-            token_type: embedding(cfg.type_vocab_size, cfg.hidden_size, vb.pp("token_type_embeddings"))?,
+            position: embedding(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                vb.pp("position_embeddings"),
+            )?,
+            token_type: embedding(
+                cfg.type_vocab_size,
+                cfg.hidden_size,
+                vb.pp("token_type_embeddings"),
+            )?,
             norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
         })
     }
@@ -95,7 +103,9 @@ impl Layer {
         let hd = h / self.heads;
         let split = |y: Tensor| -> Result<Tensor> {
             // (B, T, H) → (B, nh, T, hd)
-            Ok(y.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous()?)
+            Ok(y.reshape((b, t, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let q = split((self.q.forward(x)? * (1.0 / (hd as f64).sqrt()))?)?;
         let k = split(self.k.forward(x)?)?;
@@ -103,7 +113,9 @@ impl Layer {
         let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?; // (B, nh, T, T)
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
-        let x = self.attn_norm.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
+        let x = self
+            .attn_norm
+            .forward(&(self.attn_out.forward(&ctx)? + x)?)?;
         let y = self.down.forward(&self.intermediate(&x)?)?;
         Ok(self.out_norm.forward(&(y + x)?)?)
     }
@@ -125,14 +137,19 @@ impl Layer {
         for &(start, m, l) in groups {
             let split = |y: &Tensor| -> Result<Tensor> {
                 // (m·L, H) → (m, nh, L, hd)
-                Ok(y.narrow(0, start, m * l)?.reshape((m, l, self.heads, hd))?.transpose(1, 2)?.contiguous()?)
+                Ok(y.narrow(0, start, m * l)?
+                    .reshape((m, l, self.heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
             };
             let (q, k, v) = (split(&q)?, split(&k)?, split(&v)?);
             let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?; // (m, nh, L, L)
             ctx.push(probs.matmul(&v)?.transpose(1, 2)?.reshape((m * l, h))?);
         }
         let ctx = Tensor::cat(&ctx, 0)?;
-        let x = self.attn_norm.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
+        let x = self
+            .attn_norm
+            .forward(&(self.attn_out.forward(&ctx)? + x)?)?;
         let y = self.down.forward(&self.intermediate(&x)?)?;
         Ok(self.out_norm.forward(&(y + x)?)?)
     }
@@ -211,7 +228,8 @@ impl Bert {
         for (i, s) in seqs.iter().enumerate() {
             by_len.entry(s.len()).or_default().push(i);
         }
-        let (mut ids, mut pos, mut groups, mut order) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut ids, mut pos, mut groups, mut order) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (&l, members) in &by_len {
             groups.push((ids.len(), members.len(), l));
             for &i in members {
@@ -244,7 +262,10 @@ impl Bert {
                 k += 1;
             }
         }
-        let rows: Vec<Tensor> = pooled.into_iter().map(|t| t.expect("every sequence pooled")).collect();
+        let rows: Vec<Tensor> = pooled
+            .into_iter()
+            .map(|t| t.expect("every sequence pooled"))
+            .collect();
         Ok(Tensor::stack(&rows, 0)?)
     }
 }
@@ -263,7 +284,11 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 
 /// Rows divided by their L2 norm (`F.normalize(x, p=2, dim=1)`, eps 1e-12).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    let n = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
     Ok(x.broadcast_div(&n)?)
 }
 
@@ -336,7 +361,9 @@ impl SentenceEncoder {
             true
         };
         let pool_path = dir.join("1_Pooling").join("config.json");
-        if pool_path.is_file() && !crate::io::read_json::<PoolingConfig>(&pool_path)?.pooling_mode_mean_tokens {
+        if pool_path.is_file()
+            && !crate::io::read_json::<PoolingConfig>(&pool_path)?.pooling_mode_mean_tokens
+        {
             return Err(Error::Config {
                 path: pool_path,
                 msg: "only mean pooling is supported".into(),
@@ -385,11 +412,18 @@ impl SentenceEncoder {
         if texts.is_empty() {
             return Err(Error::Invalid("no texts to embed".into()));
         }
-        let seqs = texts.iter().map(|t| self.tokenizer.encode(t)).collect::<Result<Vec<_>>>()?;
+        let seqs = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t))
+            .collect::<Result<Vec<_>>>()?;
         let mut out = Vec::new();
         for chunk in seqs.chunks(batch_size.max(1)) {
             let pooled = self.bert.pooled_unpadded(chunk)?;
-            out.push(if self.normalize { l2_normalize(&pooled)? } else { pooled });
+            out.push(if self.normalize {
+                l2_normalize(&pooled)?
+            } else {
+                pooled
+            });
         }
         Ok(Tensor::cat(&out, 0)?)
     }

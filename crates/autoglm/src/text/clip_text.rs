@@ -22,7 +22,11 @@ impl ClipText {
         let e = vb.pp("embeddings");
         Ok(Self {
             token_embedding: embedding(cfg.vocab_size, h, e.pp("token_embedding"))?,
-            position_embedding: embedding(cfg.max_position_embeddings, h, e.pp("position_embedding"))?,
+            position_embedding: embedding(
+                cfg.max_position_embeddings,
+                h,
+                e.pp("position_embedding"),
+            )?,
             encoder: Encoder::new(
                 vb.pp("encoder"),
                 &EncoderSpec {
@@ -56,9 +60,14 @@ impl ClipText {
         }
         let dev = ids.device();
         let pos = Tensor::arange(0u32, t as u32, dev)?;
-        let x = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.forward(&pos)?)?;
+        let x = self
+            .token_embedding
+            .forward(ids)?
+            .broadcast_add(&self.position_embedding.forward(&pos)?)?;
         let bias = causal_and_padding_bias(mask, dev)?;
-        let x = self.final_norm.forward(&self.encoder.forward(&x, Some(&bias))?)?;
+        let x = self
+            .final_norm
+            .forward(&self.encoder.forward(&x, Some(&bias))?)?;
         let eos = self.eos_positions(ids)?;
         let rows = (0..b)
             .map(|i| x.get(i)?.get(eos[i]))
@@ -69,7 +78,10 @@ impl ClipText {
     /// HF: with the legacy `eos_token_id == 2` the EOS is the largest id in
     /// the row; otherwise the first occurrence of `eos_token_id`.
     fn eos_positions(&self, ids: &Tensor) -> Result<Vec<usize>> {
-        Ok(eos_positions(&ids.to_vec2::<u32>()?, self.config.eos_token_id))
+        Ok(eos_positions(
+            &ids.to_vec2::<u32>()?,
+            self.config.eos_token_id,
+        ))
     }
 }
 
@@ -88,22 +100,6 @@ fn eos_positions(rows: &[Vec<u32>], eos_token_id: u32) -> Vec<usize> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::eos_positions;
-
-    #[test]
-    fn eos_follows_hf_for_legacy_and_new_configs() {
-        // Legacy (eos_token_id == 2): argmax of the ids, whatever the EOS id.
-        let rows = vec![vec![49406, 320, 1929, 49407, 0, 0], vec![49406, 49407, 49407, 49407, 49407, 49407]];
-        assert_eq!(eos_positions(&rows, 2), vec![3, 1]);
-        // New configs: first occurrence of the EOS id, even when a larger id comes first.
-        let rows = vec![vec![7, 900, 5, 3, 3], vec![7, 3, 900, 3, 3]];
-        assert_eq!(eos_positions(&rows, 3), vec![3, 1]);
-        assert_eq!(eos_positions(&rows, 2), vec![1, 2]);
-    }
-}
-
 /// Additive mask `(B, 1, T, T)`: −∞-like above the diagonal and at padding.
 fn causal_and_padding_bias(mask: &Tensor, dev: &Device) -> Result<Tensor> {
     let (b, t) = mask.dims2()?;
@@ -113,4 +109,23 @@ fn causal_and_padding_bias(mask: &Tensor, dev: &Device) -> Result<Tensor> {
     let causal = Tensor::from_vec(causal, (1, 1, t, t), dev)?;
     let pad = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
     Ok(causal.broadcast_add(&pad)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::eos_positions;
+
+    #[test]
+    fn eos_follows_hf_for_legacy_and_new_configs() {
+        // Legacy (eos_token_id == 2): argmax of the ids, whatever the EOS id.
+        let rows = vec![
+            vec![49406, 320, 1929, 49407, 0, 0],
+            vec![49406, 49407, 49407, 49407, 49407, 49407],
+        ];
+        assert_eq!(eos_positions(&rows, 2), vec![3, 1]);
+        // New configs: first occurrence of the EOS id, even when a larger id comes first.
+        let rows = vec![vec![7, 900, 5, 3, 3], vec![7, 3, 900, 3, 3]];
+        assert_eq!(eos_positions(&rows, 3), vec![3, 1]);
+        assert_eq!(eos_positions(&rows, 2), vec![1, 2]);
+    }
 }

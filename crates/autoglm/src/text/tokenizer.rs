@@ -69,7 +69,10 @@ impl Tokenizer {
         if texts.is_empty() {
             return Err(Error::Invalid("no texts to encode".into()));
         }
-        let seqs = texts.iter().map(|t| self.encode(t)).collect::<Result<Vec<_>>>()?;
+        let seqs = texts
+            .iter()
+            .map(|t| self.encode(t))
+            .collect::<Result<Vec<_>>>()?;
         Self::pad(&seqs, pad_id, device)
     }
 

@@ -44,7 +44,12 @@ impl DepthwiseConv {
     pub fn new(weight: &Tensor, bias: &Tensor, stride: usize, relu6: bool) -> Result<Self> {
         let (c, one, k, k2) = weight.dims4()?;
         debug_assert!(one == 1 && k == k2);
-        let weight_khwc = weight.squeeze(1)?.permute((1, 2, 0))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let weight_khwc = weight
+            .squeeze(1)?
+            .permute((1, 2, 0))?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         Ok(Self {
             weight_khwc,
             weight_oihw: weight.clone(),
@@ -163,14 +168,23 @@ impl CustomOp1 for DepthwiseConv {
         "depthwise-conv2d-nhwc"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = layout.shape().dims4()?;
         if c != self.channels {
-            candle_core::bail!("depthwise conv: input has {c} channels, the kernel {}", self.channels)
+            candle_core::bail!(
+                "depthwise conv: input has {c} channels, the kernel {}",
+                self.channels
+            )
         }
         let src = match (storage, layout.contiguous_offsets()) {
             (CpuStorage::F32(data), Some((start, end))) => &data[start..end],
-            (CpuStorage::F32(_), None) => candle_core::bail!("depthwise conv: input must be contiguous"),
+            (CpuStorage::F32(_), None) => {
+                candle_core::bail!("depthwise conv: input must be contiguous")
+            }
             _ => candle_core::bail!("depthwise conv: only f32 is supported"),
         };
         let (k, s) = (self.kernel, self.stride);
@@ -180,21 +194,51 @@ impl CustomOp1 for DepthwiseConv {
         let n = b * oh * ow * c;
         // Every output is written exactly once below, so skip zero-filling.
         let mut dst: Vec<f32> = Vec::with_capacity(n);
-        let geo = Geometry { h, w, c, k, s, pt, pl, ow };
+        let geo = Geometry {
+            h,
+            w,
+            c,
+            k,
+            s,
+            pt,
+            pl,
+            ow,
+        };
         let avx2 = simd_available();
         // One task per output row.
-        dst.spare_capacity_mut()[..n].par_chunks_mut(ow * c).enumerate().for_each(|(row, out)| {
-            let (bi, oy) = (row / oh, row % oh);
-            let img = &src[bi * h * w * c..(bi + 1) * h * w * c];
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-                unsafe { row_avx2(&geo, img, oy, &self.weight_khwc, &self.bias, self.relu6, out) };
-                return;
-            }
-            let _ = avx2;
-            row_kernel::<false>(&geo, img, oy, &self.weight_khwc, &self.bias, self.relu6, out);
-        });
+        dst.spare_capacity_mut()[..n]
+            .par_chunks_mut(ow * c)
+            .enumerate()
+            .for_each(|(row, out)| {
+                let (bi, oy) = (row / oh, row % oh);
+                let img = &src[bi * h * w * c..(bi + 1) * h * w * c];
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                    unsafe {
+                        row_avx2(
+                            &geo,
+                            img,
+                            oy,
+                            &self.weight_khwc,
+                            &self.bias,
+                            self.relu6,
+                            out,
+                        )
+                    };
+                    return;
+                }
+                let _ = avx2;
+                row_kernel::<false>(
+                    &geo,
+                    img,
+                    oy,
+                    &self.weight_khwc,
+                    &self.bias,
+                    self.relu6,
+                    out,
+                );
+            });
         // SAFETY: the loop above initialised all n values.
         unsafe { dst.set_len(n) };
         Ok((CpuStorage::F32(dst), Shape::from((b, oh, ow, c))))
@@ -210,7 +254,12 @@ mod tests {
     #[test]
     fn matches_grouped_conv() -> Result<()> {
         let dev = Device::Cpu;
-        for (h, w, c, k, s) in [(9, 7, 5, 3, 1), (10, 10, 8, 3, 2), (11, 8, 3, 5, 2), (6, 6, 4, 5, 1)] {
+        for (h, w, c, k, s) in [
+            (9, 7, 5, 3, 1),
+            (10, 10, 8, 3, 2),
+            (11, 8, 3, 5, 2),
+            (6, 6, 4, 5, 1),
+        ] {
             let x = Tensor::randn(0f32, 1.0, (2, c, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev)?;
             let bias = Tensor::randn(0f32, 1.0, c, &dev)?;
@@ -222,13 +271,25 @@ mod tests {
                 .conv2d(&wt, 0, s, 1, c)?
                 .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
             let op = DepthwiseConv::new(&wt, &bias, s, false)?;
-            let got = op.forward(&x.permute((0, 2, 3, 1))?.contiguous()?)?.permute((0, 3, 1, 2))?;
+            let got = op
+                .forward(&x.permute((0, 2, 3, 1))?.contiguous()?)?
+                .permute((0, 3, 1, 2))?;
             assert_eq!(got.dims(), want.dims());
-            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let err = (got - &want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
             assert!(err < 1e-4, "h={h} w={w} c={c} k={k} s={s}: max err {err}");
             let op6 = DepthwiseConv::new(&wt, &bias, s, true)?;
-            let got6 = op6.forward(&x.permute((0, 2, 3, 1))?.contiguous()?)?.permute((0, 3, 1, 2))?;
-            let err6 = (got6 - want.clamp(0f32, 6f32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let got6 = op6
+                .forward(&x.permute((0, 2, 3, 1))?.contiguous()?)?
+                .permute((0, 3, 1, 2))?;
+            let err6 = (got6 - want.clamp(0f32, 6f32)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
             assert!(err6 < 1e-4);
         }
         Ok(())

@@ -118,8 +118,17 @@ fn bn_fold(vb: &VarBuilder, c: usize, eps: f64) -> Result<(Tensor, Tensor)> {
 }
 
 /// A 1×1 conv (no bias) followed by BatchNorm, folded.
-fn pointwise(conv: VarBuilder, bn: VarBuilder, cin: usize, cout: usize, eps: f64, relu6: bool) -> Result<Pointwise> {
-    let w = conv.get((cout, cin, 1, 1), "weight")?.reshape((cout, cin))?;
+fn pointwise(
+    conv: VarBuilder,
+    bn: VarBuilder,
+    cin: usize,
+    cout: usize,
+    eps: f64,
+    relu6: bool,
+) -> Result<Pointwise> {
+    let w = conv
+        .get((cout, cin, 1, 1), "weight")?
+        .reshape((cout, cin))?;
     let (scale, shift) = bn_fold(&bn, cout, eps)?;
     let w = w.broadcast_mul(&scale.unsqueeze(1)?)?.t()?.contiguous()?;
     Ok(Pointwise { w, b: shift, relu6 })
@@ -133,14 +142,31 @@ struct MbConv {
 }
 
 impl MbConv {
-    fn new(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, stride: usize, expand: usize, eps: f64) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        expand: usize,
+        eps: f64,
+    ) -> Result<Self> {
         let mid = cin * expand;
         let expand_conv = if expand != 1 {
-            Some(pointwise(vb.pp("_expand_conv"), vb.pp("_bn0"), cin, mid, eps, true)?)
+            Some(pointwise(
+                vb.pp("_expand_conv"),
+                vb.pp("_bn0"),
+                cin,
+                mid,
+                eps,
+                true,
+            )?)
         } else {
             None
         };
-        let dw = vb.pp("_depthwise_conv").get((mid, 1, kernel, kernel), "weight")?;
+        let dw = vb
+            .pp("_depthwise_conv")
+            .get((mid, 1, kernel, kernel), "weight")?;
         let (scale, shift) = bn_fold(&vb.pp("_bn1"), mid, eps)?;
         let dw = dw.broadcast_mul(&scale.reshape((mid, 1, 1, 1))?)?;
         Ok(Self {
@@ -171,7 +197,7 @@ pub struct Features {
 }
 
 pub struct EfficientNet {
-    stem_w: Tensor, // (32, 3, 3, 3), BN folded
+    stem_w: Tensor,      // (32, 3, 3, 3), BN folded
     stem_w_cols: Tensor, // (27, 32): the same, for im2col rows ordered (c, ky, kx)
     stem_b: Tensor,
     /// Blocks grouped by stage.
@@ -193,8 +219,20 @@ impl EfficientNet {
         for st in &cfg.stages {
             let mut blocks = Vec::new();
             for r in 0..st.repeats {
-                let (cin, stride) = if r == 0 { (st.input, st.stride) } else { (st.output, 1) };
-                blocks.push(MbConv::new(vb.pp("_blocks").pp(idx), cin, st.output, st.kernel, stride, st.expand, eps)?);
+                let (cin, stride) = if r == 0 {
+                    (st.input, st.stride)
+                } else {
+                    (st.output, 1)
+                };
+                blocks.push(MbConv::new(
+                    vb.pp("_blocks").pp(idx),
+                    cin,
+                    st.output,
+                    st.kernel,
+                    stride,
+                    st.expand,
+                    eps,
+                )?);
                 idx += 1;
             }
             stages.push(blocks);
@@ -205,8 +243,18 @@ impl EfficientNet {
             stem_w,
             stem_b,
             stages,
-            head: pointwise(vb.pp("_conv_head"), vb.pp("_bn1"), last, cfg.head, eps, true)?,
-            fc_w: vb.get((cfg.num_classes, cfg.head), "_fc.weight")?.t()?.contiguous()?,
+            head: pointwise(
+                vb.pp("_conv_head"),
+                vb.pp("_bn1"),
+                last,
+                cfg.head,
+                eps,
+                true,
+            )?,
+            fc_w: vb
+                .get((cfg.num_classes, cfg.head), "_fc.weight")?
+                .t()?
+                .contiguous()?,
             fc_b: vb.get(cfg.num_classes, "_fc.bias")?,
             config: cfg.clone(),
         })
@@ -231,7 +279,9 @@ impl EfficientNet {
     fn stem(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if c != 3 {
-            return Err(Error::Invalid(format!("EfficientNet takes 3-channel images, got {c} channels")));
+            return Err(Error::Invalid(format!(
+                "EfficientNet takes 3-channel images, got {c} channels"
+            )));
         }
         let (pt, pb) = same_padding(h, 3, 2);
         let (pl, pr) = same_padding(w, 3, 2);
@@ -362,7 +412,8 @@ impl ImageClassifier {
     }
 
     pub fn logits(&self, images: &[RgbImage]) -> Result<Tensor> {
-        self.model.forward(&self.preprocess.batch(images, &self.device)?)
+        self.model
+            .forward(&self.preprocess.batch(images, &self.device)?)
     }
 
     /// The `k` most probable classes of each image.
@@ -394,7 +445,11 @@ impl EfficientNetConfig {
         let mut total = (hw * hw * self.stem * 27) as u64;
         for st in &self.stages {
             for r in 0..st.repeats {
-                let (cin, stride) = if r == 0 { (st.input, st.stride) } else { (st.output, 1) };
+                let (cin, stride) = if r == 0 {
+                    (st.input, st.stride)
+                } else {
+                    (st.output, 1)
+                };
                 let mid = cin * st.expand;
                 if st.expand != 1 {
                     total += (hw * hw * cin * mid) as u64;

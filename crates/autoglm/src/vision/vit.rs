@@ -39,7 +39,9 @@ impl SelfAttention {
         let (b, t, h) = x.dims3()?;
         let hd = h / self.heads;
         let split = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous()?) // (B, nh, T, hd)
+            Ok(y.reshape((b, t, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?) // (B, nh, T, hd)
         };
         let q = split((self.q.forward(x)? * (hd as f64).powf(-0.5))?)?;
         let k = split(self.k.forward(x)?)?;
@@ -50,7 +52,7 @@ impl SelfAttention {
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
-        Ok(self.out.forward(&ctx)?)
+        self.out.forward(&ctx)
     }
 }
 
@@ -157,7 +159,9 @@ impl ClipVision {
         let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
         let n = (cfg.image_size / p).pow(2) + 1;
         let e = vb.pp("embeddings");
-        let patch_weight = e.get((h, c, p, p), "patch_embedding.weight")?.reshape((h, c * p * p))?;
+        let patch_weight = e
+            .get((h, c, p, p), "patch_embedding.weight")?
+            .reshape((h, c * p * p))?;
         Ok(Self {
             patch_weight,
             class_embedding: e.get(h, "class_embedding")?,
@@ -201,8 +205,13 @@ impl ClipVision {
             .permute((0, 2, 4, 1, 3, 5))? // (B, g, g, C, p, p)
             .contiguous()?
             .reshape((b * g * g, c * p * p))?;
-        let x = patches.matmul(&self.patch_weight.t()?)?.reshape((b, g * g, cfg.hidden_size))?;
-        let cls = self.class_embedding.reshape((1, 1, cfg.hidden_size))?.repeat((b, 1, 1))?;
+        let x = patches
+            .matmul(&self.patch_weight.t()?)?
+            .reshape((b, g * g, cfg.hidden_size))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, cfg.hidden_size))?
+            .repeat((b, 1, 1))?;
         let x = Tensor::cat(&[&cls, &x], 1)?;
         let x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
         Ok(self.pre_norm.forward(&x)?)
