@@ -11,11 +11,13 @@
 pub mod config;
 pub mod dual;
 pub mod error;
+pub mod fusion;
 pub mod io;
 pub mod nn;
 pub mod ops;
 pub mod text;
 pub mod vision;
+pub mod vlm;
 
 pub use error::{Error, Result};
 

@@ -20,16 +20,27 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Loads `weight` and `bias`; fresh variables (a `VarMap` builder) get
+    /// Kaiming-normal weights and zero biases.
     pub fn new(vb: VarBuilder, input: usize, output: usize) -> Result<Self> {
         Ok(Self {
-            weight: vb.get((output, input), "weight")?,
+            weight: vb.get_with_hints((output, input), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?,
             bias: Some(vb.get(output, "bias")?),
         })
     }
 
+    /// From existing tensors (e.g. an LM head tied to the embeddings).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     pub fn new_no_bias(vb: VarBuilder, input: usize, output: usize) -> Result<Self> {
         Ok(Self {
-            weight: vb.get((output, input), "weight")?,
+            weight: vb.get_with_hints((output, input), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?,
             bias: None,
         })
     }
@@ -57,6 +68,15 @@ impl Linear {
         let mut out = dims;
         *out.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
         Ok(y.reshape(out)?)
+    }
+}
+
+/// `Linear` with or without a bias.
+pub fn linear_b(input: usize, output: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    if bias {
+        Linear::new(vb, input, output)
+    } else {
+        Linear::new_no_bias(vb, input, output)
     }
 }
 

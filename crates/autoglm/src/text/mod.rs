@@ -2,4 +2,7 @@
 
 pub mod bert;
 pub mod clip_text;
+pub mod generate;
+pub mod kv_cache;
+pub mod llama;
 pub mod tokenizer;

@@ -363,3 +363,6 @@ impl ImageProcessorConfig {
         })
     }
 }
+
+mod lm;
+pub use lm::{LlamaConfig, LlavaConfig, ProjectorKind, RopeScaling};

@@ -1,0 +1,290 @@
+//! Configs of the decoder LMs (HF `LlamaConfig`, `Qwen2Config`) and of the
+//! VLM (HF `LlavaConfig`), in both the transformers 4 (`rope_scaling`,
+//! `rope_theta`) and 5 (`rope_parameters`) spellings.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::{check_heads, invalid, ClipVisionConfig};
+use crate::Result;
+
+/// `rope_scaling` / `rope_parameters`.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: Option<String>,
+    pub factor: Option<f64>,
+    pub rope_theta: Option<f64>,
+}
+
+/// One token id or several (HF allows both for `eos_token_id`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(i) => vec![*i],
+            TokenIds::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// HF `LlamaConfig` / `Qwen2Config`: the fields a Llama-family decoder needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub rope_parameters: Option<RopeScaling>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Llama's switch for q/k/v/o biases; Qwen2 always has q/k/v biases.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default = "default_silu")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub bos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+}
+
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_silu() -> String {
+    "silu".into()
+}
+
+impl LlamaConfig {
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        check_heads(
+            path,
+            "text_config",
+            self.num_attention_heads * self.head_dim(),
+            self.num_attention_heads,
+            self.num_hidden_layers,
+        )?;
+        let kv = self.kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return Err(invalid(
+                path,
+                format!(
+                    "num_key_value_heads {kv} must divide num_attention_heads {}",
+                    self.num_attention_heads
+                ),
+            ));
+        }
+        if self.hidden_act != "silu" {
+            return Err(invalid(
+                path,
+                format!("hidden_act `{}` is not supported (Llama-family models use `silu`)", self.hidden_act),
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(invalid(path, format!("head_dim {} must be even for RoPE", self.head_dim())));
+        }
+        match self.rope().rope_type.as_deref() {
+            None | Some("default") | Some("linear") => Ok(()),
+            Some(other) => Err(invalid(
+                path,
+                format!("rope type `{other}` is not supported (`default` and `linear` are)"),
+            )),
+        }
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether q/k/v carry biases: always for Qwen2, on request for Llama.
+    pub fn qkv_bias(&self) -> bool {
+        self.model_type.as_deref() == Some("qwen2") || self.attention_bias
+    }
+
+    /// The RoPE parameters, from whichever spelling the file uses.
+    pub fn rope(&self) -> RopeScaling {
+        self.rope_parameters
+            .clone()
+            .or_else(|| self.rope_scaling.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        self.rope()
+            .rope_theta
+            .or(self.rope_theta)
+            .unwrap_or(10000.0)
+    }
+
+    /// Positions are divided by this (`linear` scaling), 1 otherwise.
+    pub fn rope_linear_factor(&self) -> f64 {
+        let r = self.rope();
+        match r.rope_type.as_deref() {
+            Some("linear") => r.factor.unwrap_or(1.0),
+            _ => 1.0,
+        }
+    }
+
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+}
+
+/// How vision features are mapped into the LM's embedding space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProjectorKind {
+    /// Identity: only when the vision and LM widths match.
+    None,
+    /// One linear layer.
+    Linear,
+    /// LLaVA-1.5 `mlp2x_gelu`: linear, GELU, linear.
+    Mlp,
+    /// Linear to the LM width, then a residual bottleneck MLP.
+    Adapter,
+}
+
+impl ProjectorKind {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" | "identity" => Ok(Self::None),
+            "linear" => Ok(Self::Linear),
+            "mlp" | "mlp2x_gelu" => Ok(Self::Mlp),
+            "adapter" => Ok(Self::Adapter),
+            other => Err(format!(
+                "unknown projector type `{other}` (expected none, linear, mlp / mlp2x_gelu or adapter)"
+            )),
+        }
+    }
+}
+
+/// HF `LlavaConfig`, plus our `projector_type` (HF's LLaVA is always `mlp`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlavaConfig {
+    pub vision_config: ClipVisionConfig,
+    pub text_config: LlamaConfig,
+    #[serde(alias = "image_token_id")]
+    pub image_token_index: u32,
+    #[serde(default = "default_layer")]
+    pub vision_feature_layer: i64,
+    #[serde(default = "default_strategy")]
+    pub vision_feature_select_strategy: String,
+    #[serde(default = "default_gelu")]
+    pub projector_hidden_act: String,
+    #[serde(default = "default_true")]
+    pub multimodal_projector_bias: bool,
+    #[serde(default = "default_projector")]
+    pub projector_type: String,
+    /// Bottleneck width of the `adapter` projector.
+    #[serde(default)]
+    pub adapter_dim: Option<usize>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+}
+
+fn default_layer() -> i64 {
+    -2
+}
+fn default_strategy() -> String {
+    "default".into()
+}
+fn default_gelu() -> String {
+    "gelu".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_projector() -> String {
+    "mlp".into()
+}
+
+impl LlavaConfig {
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        self.text_config.validate(path)?;
+        let v = &self.vision_config;
+        check_heads(path, "vision_config", v.hidden_size, v.num_attention_heads, v.num_hidden_layers)?;
+        if v.patch_size == 0 || v.image_size < v.patch_size {
+            return Err(invalid(path, "vision_config: image_size must be at least patch_size".into()));
+        }
+        let layers = v.num_hidden_layers as i64;
+        if self.vision_feature_layer < -(layers + 1) || self.vision_feature_layer > layers {
+            return Err(invalid(
+                path,
+                format!(
+                    "vision_feature_layer {} is outside the vision tower's {} hidden states",
+                    self.vision_feature_layer,
+                    layers + 1
+                ),
+            ));
+        }
+        if !matches!(self.vision_feature_select_strategy.as_str(), "default" | "full") {
+            return Err(invalid(
+                path,
+                format!(
+                    "vision_feature_select_strategy `{}` is not supported (`default` or `full`)",
+                    self.vision_feature_select_strategy
+                ),
+            ));
+        }
+        if self.projector_hidden_act != "gelu" {
+            return Err(invalid(
+                path,
+                format!("projector_hidden_act `{}` is not supported (`gelu`)", self.projector_hidden_act),
+            ));
+        }
+        let kind = self.projector().map_err(|m| invalid(path, m))?;
+        if kind == ProjectorKind::None && v.hidden_size != self.text_config.hidden_size {
+            return Err(invalid(
+                path,
+                format!(
+                    "projector `none` needs equal widths, but the vision tower has {} and the LM {}; use linear, mlp or adapter",
+                    v.hidden_size, self.text_config.hidden_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn projector(&self) -> std::result::Result<ProjectorKind, String> {
+        ProjectorKind::parse(&self.projector_type)
+    }
+
+    /// Image tokens per image: patches, plus the class token with `full`.
+    pub fn image_tokens(&self) -> usize {
+        let g = self.vision_config.image_size / self.vision_config.patch_size;
+        g * g + usize::from(self.vision_feature_select_strategy == "full")
+    }
+}

@@ -1,0 +1,3 @@
+//! Fusion of vision features into the language model.
+
+pub mod projector;

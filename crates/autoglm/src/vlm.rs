@@ -1,0 +1,175 @@
+//! The Open-AutoGLM vision-language model in the HF
+//! `LlavaForConditionalGeneration` layout: CLIP vision tower → hidden state
+//! of `vision_feature_layer` (class token dropped with strategy `default`)
+//! → projector → one LM embedding per image token, spliced into the prompt
+//! where the `<image>` placeholders are → Llama-family decoder.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::LlavaConfig;
+use crate::fusion::projector::Projector;
+use crate::io::weights::Safetensors;
+use crate::text::kv_cache::KvCache;
+use crate::text::llama::{Llama, Positions};
+use crate::vision::vit::ClipVision;
+use crate::{Error, Result};
+
+pub struct Llava {
+    pub vision: ClipVision,
+    pub projector: Projector,
+    pub lm: Llama,
+    pub config: LlavaConfig,
+}
+
+impl Llava {
+    /// Accepts both checkpoint layouts: transformers 4 / 5 `save_pretrained`
+    /// (`vision_tower.*`, `multi_modal_projector.*`, `language_model.model.*`,
+    /// `language_model.lm_head`) and the refactored one (`model.vision_tower`,
+    /// `model.multi_modal_projector`, `model.language_model`, `lm_head`).
+    pub fn new(vb: VarBuilder, cfg: &LlavaConfig) -> Result<Self> {
+        let (root, lm_model, lm_head) = if vb.contains_tensor("model.language_model.embed_tokens.weight") {
+            (vb.pp("model"), vb.pp("model").pp("language_model"), vb.pp("lm_head"))
+        } else {
+            (vb.clone(), vb.pp("language_model").pp("model"), vb.pp("language_model").pp("lm_head"))
+        };
+        let tower = root.pp("vision_tower");
+        // CLIPVisionModel keeps the transformer under `vision_model`.
+        let tower = if tower.contains_tensor("vision_model.embeddings.class_embedding") {
+            tower.pp("vision_model")
+        } else {
+            tower
+        };
+        let kind = cfg.projector().map_err(Error::Invalid)?;
+        let t = &cfg.text_config;
+        Ok(Self {
+            vision: ClipVision::new(tower, &cfg.vision_config)?,
+            projector: Projector::new(
+                root.pp("multi_modal_projector"),
+                kind,
+                cfg.vision_config.hidden_size,
+                t.hidden_size,
+                cfg.multimodal_projector_bias,
+                cfg.adapter_dim.unwrap_or(t.hidden_size / 4),
+            )?,
+            lm: Llama::new(lm_model, lm_head, t)?,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let cfg: LlavaConfig = crate::io::read_json(&cfg_path)?;
+        cfg.validate(&cfg_path)?;
+        let vb = Safetensors::open_dir(dir)?.var_builder(DType::F32, device);
+        Self::new(vb, &cfg)
+    }
+
+    /// Image tokens per image.
+    pub fn image_tokens(&self) -> usize {
+        self.config.image_tokens()
+    }
+
+    /// Projected image features.
+    ///
+    /// # Shapes
+    /// `pixels`: (N, 3, S, S) → (N, image_tokens, H_lm)
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let out = self.vision.forward(pixels)?;
+        let n = out.hidden_states.len() as i64;
+        let l = self.config.vision_feature_layer;
+        let idx = if l < 0 { n + l } else { l };
+        let h = &out.hidden_states[idx as usize];
+        let h = if self.config.vision_feature_select_strategy == "default" {
+            h.narrow(1, 1, h.dim(1)? - 1)?
+        } else {
+            h.clone()
+        };
+        self.projector.forward(&h)
+    }
+
+    /// Expands each `<image>` placeholder into `image_tokens` copies (unless
+    /// the ids are already expanded) and checks there is one per image.
+    pub fn expand_image_tokens(&self, ids: &[u32], n_images: usize) -> Result<Vec<u32>> {
+        let tok = self.config.image_token_index;
+        let per = self.image_tokens();
+        let count = ids.iter().filter(|&&i| i == tok).count();
+        if count == n_images * per {
+            return Ok(ids.to_vec()); // already expanded (or no images)
+        }
+        if count != n_images {
+            return Err(Error::Invalid(format!(
+                "the prompt has {count} image placeholders but {n_images} image(s) were given; put one <image> in the prompt per image"
+            )));
+        }
+        let mut out = Vec::with_capacity(ids.len() + count * (per - 1));
+        for &i in ids {
+            if i == tok {
+                out.extend(std::iter::repeat_n(tok, per));
+            } else {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Prompt embeddings with the image features in place of the image
+    /// tokens. `ids` must be expanded ([`Self::expand_image_tokens`]).
+    ///
+    /// # Shapes
+    /// `ids`: T ids; `pixels`: (N, 3, S, S) → (1, T, H_lm)
+    pub fn embed_prompt(&self, ids: &[u32], pixels: Option<&Tensor>) -> Result<Tensor> {
+        let tok = self.config.image_token_index;
+        let dev = self.lm.embed_tokens_device();
+        let n_img_tokens = ids.iter().filter(|&&i| i == tok).count();
+        // The placeholder id may lie outside the vocabulary: embed 0 there.
+        let safe: Vec<u32> = ids.iter().map(|&i| if i == tok { 0 } else { i }).collect();
+        let text = self.lm.embed(&Tensor::new(safe.as_slice(), dev)?.unsqueeze(0)?)?.squeeze(0)?; // (T, H)
+        let feats = match pixels {
+            None if n_img_tokens == 0 => return Ok(text.unsqueeze(0)?),
+            None => {
+                return Err(Error::Invalid(format!(
+                    "the prompt has {n_img_tokens} image tokens but no image was given"
+                )))
+            }
+            Some(p) => {
+                let f = self.image_features(p)?; // (N, P, H)
+                let (n, per, h) = f.dims3()?;
+                if n * per != n_img_tokens {
+                    return Err(Error::Invalid(format!(
+                        "the prompt has {n_img_tokens} image tokens but {n} image(s) give {}",
+                        n * per
+                    )));
+                }
+                f.reshape((n * per, h))?
+            }
+        };
+        // Splice: runs of text rows and image rows, in prompt order.
+        let mut parts = Vec::new();
+        let (mut i, mut next_feat) = (0, 0);
+        while i < ids.len() {
+            let is_img = ids[i] == tok;
+            let start = i;
+            while i < ids.len() && (ids[i] == tok) == is_img {
+                i += 1;
+            }
+            let len = i - start;
+            if is_img {
+                parts.push(feats.narrow(0, next_feat, len)?);
+                next_feat += len;
+            } else {
+                parts.push(text.narrow(0, start, len)?);
+            }
+        }
+        Ok(Tensor::cat(&parts, 0)?.unsqueeze(0)?)
+    }
+
+    /// Logits of every prompt position (for parity tests and scoring).
+    pub fn forward(&self, ids: &[u32], pixels: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        let e = self.embed_prompt(ids, pixels)?;
+        let pos = Positions::contiguous(1, ids.len(), cache.len(), e.device())?;
+        self.lm.logits(&self.lm.forward_embeds(&e, &pos, cache)?)
+    }
+}
