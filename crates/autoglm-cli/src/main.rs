@@ -4,6 +4,7 @@
 //! document on stdout with `--json`; logs go to stderr. The exit code is 0
 //! only on success; errors are one line saying what was wrong and what to do.
 
+mod ask;
 mod bench;
 mod commands;
 
@@ -52,6 +53,10 @@ enum Command {
     },
     /// Classify images into the 1,000 ImageNet classes (EfficientNet-Lite0).
     Classify(commands::ClassifyArgs),
+    /// Ask a vision-language model a question about images; the answer streams.
+    Ask(ask::AskArgs),
+    /// Describe an image with a vision-language model.
+    Caption(ask::CaptionArgs),
     /// Zero-shot classification of images against free-text labels with a CLIP model.
     ZeroShot(commands::ZeroShotArgs),
     /// Benchmarks (speed against PyTorch on the same inputs and threads).
@@ -124,6 +129,8 @@ fn main() -> ExitCode {
         } => commands::embed_image(g, a),
         Command::Classify(a) => commands::classify(g, a),
         Command::ZeroShot(a) => commands::zero_shot(g, a),
+        Command::Ask(a) => ask::ask(g, a),
+        Command::Caption(a) => ask::caption(g, a),
         Command::Bench {
             command: BenchCommand::Encoders(a),
         } => bench::encoders(g, a),

@@ -229,3 +229,98 @@ fn usage_errors_exit_non_zero_with_help() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--top-k"));
 }
+
+#[test]
+fn ask_streams_and_reports_json() {
+    let model = fixtures().join("llava-tiny-llama").display().to_string();
+    let out = autoglm(&[
+        "ask",
+        "--model",
+        &model,
+        "--image",
+        &photo("chelsea.png"),
+        "what color is the shape?",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stdout.is_empty());
+    let v = json_ok(&[
+        "ask",
+        "--json",
+        "--model",
+        &model,
+        "--image",
+        &photo("chelsea.png"),
+        "what?",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "4",
+    ]);
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+        v["tokens"].as_array().unwrap().len()
+    );
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 16);
+    // Same seed, same answer.
+    let again = json_ok(&[
+        "ask",
+        "--json",
+        "--model",
+        &model,
+        "--image",
+        &photo("chelsea.png"),
+        "what?",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "4",
+    ]);
+    assert_eq!(v["tokens"], again["tokens"]);
+    let v = json_ok(&[
+        "caption",
+        "--json",
+        "--model",
+        &model,
+        &photo("coffee.png"),
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(v["answer"].is_string());
+}
+
+#[test]
+fn ask_bad_inputs() {
+    let e = fails(&["ask", "--image", &photo("chelsea.png"), "what?"]);
+    assert!(e.contains("no default model yet"), "{e}");
+    let model = fixtures().join("llava-tiny-llama").display().to_string();
+    let e = fails(&[
+        "ask",
+        "--model",
+        &model,
+        "--image",
+        &photo("chelsea.png"),
+        &"is it red? ".repeat(80),
+    ]);
+    assert!(e.contains("context of 256"), "{e}");
+    let e = fails(&[
+        "ask",
+        "--model",
+        &model,
+        "--image",
+        &photo("chelsea.png"),
+        "q",
+        "--top-p",
+        "0",
+    ]);
+    assert!(e.contains("top_p"), "{e}");
+}

@@ -8,6 +8,7 @@
 //! - [`vision`]: vision encoders (EfficientNet-Lite0, CLIP ViT).
 //! - [`dual`]: the dual-tower image/text model (CLIP layout), zero-shot.
 
+pub mod assistant;
 pub mod config;
 pub mod dual;
 pub mod error;

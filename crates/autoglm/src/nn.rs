@@ -24,7 +24,11 @@ impl Linear {
     /// Kaiming-normal weights and zero biases.
     pub fn new(vb: VarBuilder, input: usize, output: usize) -> Result<Self> {
         Ok(Self {
-            weight: vb.get_with_hints((output, input), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?,
+            weight: vb.get_with_hints(
+                (output, input),
+                "weight",
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )?,
             bias: Some(vb.get(output, "bias")?),
         })
     }
@@ -40,7 +44,11 @@ impl Linear {
 
     pub fn new_no_bias(vb: VarBuilder, input: usize, output: usize) -> Result<Self> {
         Ok(Self {
-            weight: vb.get_with_hints((output, input), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?,
+            weight: vb.get_with_hints(
+                (output, input),
+                "weight",
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )?,
             bias: None,
         })
     }

@@ -30,11 +30,20 @@ impl Llava {
     /// `language_model.lm_head`) and the refactored one (`model.vision_tower`,
     /// `model.multi_modal_projector`, `model.language_model`, `lm_head`).
     pub fn new(vb: VarBuilder, cfg: &LlavaConfig) -> Result<Self> {
-        let (root, lm_model, lm_head) = if vb.contains_tensor("model.language_model.embed_tokens.weight") {
-            (vb.pp("model"), vb.pp("model").pp("language_model"), vb.pp("lm_head"))
-        } else {
-            (vb.clone(), vb.pp("language_model").pp("model"), vb.pp("language_model").pp("lm_head"))
-        };
+        let (root, lm_model, lm_head) =
+            if vb.contains_tensor("model.language_model.embed_tokens.weight") {
+                (
+                    vb.pp("model"),
+                    vb.pp("model").pp("language_model"),
+                    vb.pp("lm_head"),
+                )
+            } else {
+                (
+                    vb.clone(),
+                    vb.pp("language_model").pp("model"),
+                    vb.pp("language_model").pp("lm_head"),
+                )
+            };
         let tower = root.pp("vision_tower");
         // CLIPVisionModel keeps the transformer under `vision_model`.
         let tower = if tower.contains_tensor("vision_model.embeddings.class_embedding") {
@@ -126,7 +135,10 @@ impl Llava {
         let n_img_tokens = ids.iter().filter(|&&i| i == tok).count();
         // The placeholder id may lie outside the vocabulary: embed 0 there.
         let safe: Vec<u32> = ids.iter().map(|&i| if i == tok { 0 } else { i }).collect();
-        let text = self.lm.embed(&Tensor::new(safe.as_slice(), dev)?.unsqueeze(0)?)?.squeeze(0)?; // (T, H)
+        let text = self
+            .lm
+            .embed(&Tensor::new(safe.as_slice(), dev)?.unsqueeze(0)?)?
+            .squeeze(0)?; // (T, H)
         let feats = match pixels {
             None if n_img_tokens == 0 => return Ok(text.unsqueeze(0)?),
             None => {
@@ -167,7 +179,12 @@ impl Llava {
     }
 
     /// Logits of every prompt position (for parity tests and scoring).
-    pub fn forward(&self, ids: &[u32], pixels: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        pixels: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let e = self.embed_prompt(ids, pixels)?;
         let pos = Positions::contiguous(1, ids.len(), cache.len(), e.device())?;
         self.lm.logits(&self.lm.forward_embeds(&e, &pos, cache)?)

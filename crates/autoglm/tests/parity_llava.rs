@@ -13,7 +13,12 @@ use common::*;
 const MODELS: [&str; 2] = ["llava-tiny-llama", "llava-tiny-qwen2"];
 
 fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap()
+    t.to_dtype(DType::U32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()
 }
 
 #[test]
@@ -25,18 +30,28 @@ fn logits_and_greedy_tokens_match_transformers() {
         for k in 0..2 {
             let prompt = ids(&r[&format!("conv{k}.input_ids")]);
             let pixels = &r[&format!("conv{k}.pixel_values")];
-            let logits = m.forward(&prompt, Some(pixels), &mut m.lm.new_cache()).unwrap();
+            let logits = m
+                .forward(&prompt, Some(pixels), &mut m.lm.new_cache())
+                .unwrap();
             let d = max_abs_diff(&logits, &r[&format!("conv{k}.logits")]);
             eprintln!("{name} conv{k}: max |Δlogit| {d:.2e}");
             assert!(d < 1e-4, "{name} conv{k}: logits differ by {d}");
 
-            let embeds = m.embed_prompt(&prompt, Some(pixels)).unwrap().squeeze(0).unwrap();
+            let embeds = m
+                .embed_prompt(&prompt, Some(pixels))
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
             let cfg = GenerateConfig {
                 max_new_tokens: 16,
                 ..GenerateConfig::default()
             };
             let g = generate(&m.lm, &embeds, &prompt, &cfg, None, &mut |_| true).unwrap();
-            assert_eq!(g.tokens, ids(&r[&format!("conv{k}.generated")]), "{name} conv{k}: greedy tokens");
+            assert_eq!(
+                g.tokens,
+                ids(&r[&format!("conv{k}.generated")]),
+                "{name} conv{k}: greedy tokens"
+            );
         }
         // The decoder alone.
         let text = &r["text.input_ids"].to_dtype(DType::U32).unwrap();
@@ -56,9 +71,15 @@ fn kv_cache_token_by_token_equals_full_forward() {
         let full = m.lm.forward(&text, &mut m.lm.new_cache()).unwrap();
         let mut cache = m.lm.new_cache();
         // A prefix at once, then one token at a time.
-        let mut steps = vec![m.lm.forward(&text.narrow(1, 0, 3).unwrap(), &mut cache).unwrap()];
+        let mut steps = vec![m
+            .lm
+            .forward(&text.narrow(1, 0, 3).unwrap(), &mut cache)
+            .unwrap()];
         for i in 3..t {
-            steps.push(m.lm.forward(&text.narrow(1, i, 1).unwrap(), &mut cache).unwrap());
+            steps.push(
+                m.lm.forward(&text.narrow(1, i, 1).unwrap(), &mut cache)
+                    .unwrap(),
+            );
         }
         assert_eq!(cache.len(), t);
         let cached = Tensor::cat(&steps, 1).unwrap();
@@ -79,7 +100,12 @@ fn batched_generation_equals_one_by_one() {
         let mut prompt_ids = Vec::new();
         for k in 0..2 {
             let p = ids(&r[&format!("conv{k}.input_ids")]);
-            prompts.push(m.embed_prompt(&p, Some(&r[&format!("conv{k}.pixel_values")])).unwrap().squeeze(0).unwrap());
+            prompts.push(
+                m.embed_prompt(&p, Some(&r[&format!("conv{k}.pixel_values")]))
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap(),
+            );
             prompt_ids.push(p);
         }
         let t = ids(&r["text.input_ids"]);
@@ -100,7 +126,8 @@ fn batched_generation_equals_one_by_one() {
                 sampling,
                 ..GenerateConfig::default()
             };
-            let batch = generate_batch(&m.lm, &prompts, &prompt_ids, &cfg, None, &mut |_, _| true).unwrap();
+            let batch =
+                generate_batch(&m.lm, &prompts, &prompt_ids, &cfg, None, &mut |_, _| true).unwrap();
             for (i, (p, pid)) in prompts.iter().zip(&prompt_ids).enumerate() {
                 let one = generate(&m.lm, p, pid, &cfg, None, &mut |_| true).unwrap();
                 assert_eq!(batch[i].tokens, one.tokens, "{name} row {i}");
@@ -112,9 +139,17 @@ fn batched_generation_equals_one_by_one() {
 #[test]
 fn stop_tokens_and_streaming() {
     let m = Llava::load(&fixtures().join("llava-tiny-llama"), &Device::Cpu).unwrap();
-    let r = load_fixture(&fixtures().join("llava-tiny-llama").join("reference.safetensors"));
+    let r = load_fixture(
+        &fixtures()
+            .join("llava-tiny-llama")
+            .join("reference.safetensors"),
+    );
     let p = ids(&r["conv0.input_ids"]);
-    let e = m.embed_prompt(&p, Some(&r["conv0.pixel_values"])).unwrap().squeeze(0).unwrap();
+    let e = m
+        .embed_prompt(&p, Some(&r["conv0.pixel_values"]))
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     let want = ids(&r["conv0.generated"]);
     // Stop at the 5th greedy token: 5 tokens come back, finish = stop.
     let cfg = GenerateConfig {
@@ -133,7 +168,10 @@ fn stop_tokens_and_streaming() {
     assert_eq!(streamed, g.tokens);
     assert_eq!(g.finish, autoglm::text::generate::Finish::Stop);
     // The callback cancels.
-    let g = generate(&m.lm, &e, &p, &GenerateConfig::default(), None, &mut |_| false).unwrap();
+    let g = generate(&m.lm, &e, &p, &GenerateConfig::default(), None, &mut |_| {
+        false
+    })
+    .unwrap();
     assert_eq!(g.tokens.len(), 1);
     assert_eq!(g.finish, autoglm::text::generate::Finish::Cancelled);
 }

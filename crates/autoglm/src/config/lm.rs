@@ -106,11 +106,17 @@ impl LlamaConfig {
         if self.hidden_act != "silu" {
             return Err(invalid(
                 path,
-                format!("hidden_act `{}` is not supported (Llama-family models use `silu`)", self.hidden_act),
+                format!(
+                    "hidden_act `{}` is not supported (Llama-family models use `silu`)",
+                    self.hidden_act
+                ),
             ));
         }
         if !self.head_dim().is_multiple_of(2) {
-            return Err(invalid(path, format!("head_dim {} must be even for RoPE", self.head_dim())));
+            return Err(invalid(
+                path,
+                format!("head_dim {} must be even for RoPE", self.head_dim()),
+            ));
         }
         match self.rope().rope_type.as_deref() {
             None | Some("default") | Some("linear") => Ok(()),
@@ -160,7 +166,10 @@ impl LlamaConfig {
     }
 
     pub fn eos_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 }
 
@@ -235,9 +244,18 @@ impl LlavaConfig {
     pub fn validate(&self, path: &Path) -> Result<()> {
         self.text_config.validate(path)?;
         let v = &self.vision_config;
-        check_heads(path, "vision_config", v.hidden_size, v.num_attention_heads, v.num_hidden_layers)?;
+        check_heads(
+            path,
+            "vision_config",
+            v.hidden_size,
+            v.num_attention_heads,
+            v.num_hidden_layers,
+        )?;
         if v.patch_size == 0 || v.image_size < v.patch_size {
-            return Err(invalid(path, "vision_config: image_size must be at least patch_size".into()));
+            return Err(invalid(
+                path,
+                "vision_config: image_size must be at least patch_size".into(),
+            ));
         }
         let layers = v.num_hidden_layers as i64;
         if self.vision_feature_layer < -(layers + 1) || self.vision_feature_layer > layers {
@@ -250,7 +268,10 @@ impl LlavaConfig {
                 ),
             ));
         }
-        if !matches!(self.vision_feature_select_strategy.as_str(), "default" | "full") {
+        if !matches!(
+            self.vision_feature_select_strategy.as_str(),
+            "default" | "full"
+        ) {
             return Err(invalid(
                 path,
                 format!(
@@ -262,7 +283,10 @@ impl LlavaConfig {
         if self.projector_hidden_act != "gelu" {
             return Err(invalid(
                 path,
-                format!("projector_hidden_act `{}` is not supported (`gelu`)", self.projector_hidden_act),
+                format!(
+                    "projector_hidden_act `{}` is not supported (`gelu`)",
+                    self.projector_hidden_act
+                ),
             ));
         }
         let kind = self.projector().map_err(|m| invalid(path, m))?;

@@ -45,7 +45,9 @@ impl Projector {
                 }
                 Projector::None
             }
-            ProjectorKind::Linear => Projector::Linear(linear_b(vision, text, bias, vb.pp("linear_1"))?),
+            ProjectorKind::Linear => {
+                Projector::Linear(linear_b(vision, text, bias, vb.pp("linear_1"))?)
+            }
             ProjectorKind::Mlp => Projector::Mlp(
                 linear_b(vision, text, bias, vb.pp("linear_1"))?,
                 linear_b(text, text, bias, vb.pp("linear_2"))?,
@@ -94,7 +96,11 @@ mod tests {
     #[test]
     fn shapes_and_identity() -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, (2, 5, 8), &Device::Cpu)?;
-        for kind in [ProjectorKind::Linear, ProjectorKind::Mlp, ProjectorKind::Adapter] {
+        for kind in [
+            ProjectorKind::Linear,
+            ProjectorKind::Mlp,
+            ProjectorKind::Adapter,
+        ] {
             let (p, _) = build(kind, 8, 12)?;
             assert_eq!(p.forward(&x)?.dims(), &[2, 5, 12], "{kind:?}");
         }
@@ -112,11 +118,15 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (3, 6), &Device::Cpu)?;
         let w = |n: &str| vm.data().lock().unwrap()[n].as_tensor().clone();
         let lin = |x: &Tensor, n: &str| -> Result<Tensor> {
-            Ok(x.matmul(&w(&format!("{n}.weight")).t()?)?.broadcast_add(&w(&format!("{n}.bias")))?)
+            Ok(x.matmul(&w(&format!("{n}.weight")).t()?)?
+                .broadcast_add(&w(&format!("{n}.bias")))?)
         };
         let y = lin(&x, "linear_1")?;
         let want = (&y + lin(&lin(&y, "adapter_down")?.gelu_erf()?, "adapter_up")?)?;
-        let d = (p.forward(&x)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (p.forward(&x)? - want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-5, "{d}");
         Ok(())
     }

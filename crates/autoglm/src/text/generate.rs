@@ -185,12 +185,19 @@ pub fn generate_batch(
 ) -> Result<Vec<Generated>> {
     let b = prompts.len();
     if b == 0 || prompt_ids.len() != b {
-        return Err(Error::Invalid("generate: need one id list per prompt".into()));
+        return Err(Error::Invalid(
+            "generate: need one id list per prompt".into(),
+        ));
     }
     if !cfg.stop_strings.is_empty() && decode.is_none() {
-        return Err(Error::Invalid("stop strings need a tokenizer to decode with".into()));
+        return Err(Error::Invalid(
+            "stop strings need a tokenizer to decode with".into(),
+        ));
     }
-    let lens: Vec<usize> = prompts.iter().map(|p| p.dim(0)).collect::<candle_core::Result<_>>()?;
+    let lens: Vec<usize> = prompts
+        .iter()
+        .map(|p| p.dim(0))
+        .collect::<candle_core::Result<_>>()?;
     let t_max = *lens.iter().max().expect("non-empty");
     let max_ctx = lm.config.max_position_embeddings;
     if t_max + cfg.max_new_tokens > max_ctx {
@@ -243,7 +250,11 @@ pub fn generate_batch(
         .collect();
     let mut done = vec![false; b];
     for step in 0..cfg.max_new_tokens {
-        let logits = lm.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let logits = lm
+            .logits(&last)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
         let mut next = vec![0u32; b];
         for r in 0..b {
             if done[r] {
@@ -342,10 +353,19 @@ mod tests {
         };
         let a = draw(cfg.clone());
         assert_eq!(a, draw(cfg.clone()), "same seed, same tokens");
-        assert_ne!(a, draw(Sampling { seed: 8, ..cfg.clone() }));
+        assert_ne!(
+            a,
+            draw(Sampling {
+                seed: 8,
+                ..cfg.clone()
+            })
+        );
         let mut order: Vec<usize> = (0..50).collect();
         order.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]));
-        assert!(a.iter().all(|t| order[..5].contains(&(*t as usize))), "top-k = 5");
+        assert!(
+            a.iter().all(|t| order[..5].contains(&(*t as usize))),
+            "top-k = 5"
+        );
         let distinct: std::collections::HashSet<_> = a.iter().collect();
         assert!(distinct.len() > 1);
         // A tiny top_p keeps only the most likely token.
@@ -359,8 +379,20 @@ mod tests {
 
     #[test]
     fn bad_sampling_settings_are_refused() {
-        assert!(Sampler::new(Sampling { temperature: -1.0, ..Sampling::default() }).is_err());
-        assert!(Sampler::new(Sampling { top_p: Some(0.0), ..Sampling::default() }).is_err());
-        assert!(Sampler::new(Sampling { temperature: f64::NAN, ..Sampling::default() }).is_err());
+        assert!(Sampler::new(Sampling {
+            temperature: -1.0,
+            ..Sampling::default()
+        })
+        .is_err());
+        assert!(Sampler::new(Sampling {
+            top_p: Some(0.0),
+            ..Sampling::default()
+        })
+        .is_err());
+        assert!(Sampler::new(Sampling {
+            temperature: f64::NAN,
+            ..Sampling::default()
+        })
+        .is_err());
     }
 }

@@ -112,7 +112,11 @@ impl Attention {
         let (k, v) = (expand(&k)?, expand(&v)?);
         let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.broadcast_add(bias)?; // (B, nh, T, S)
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ctx = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
+        let ctx =
+            probs
+                .matmul(&v.contiguous()?)?
+                .transpose(1, 2)?
+                .reshape((b, t, self.heads * hd))?;
         self.o.forward(&ctx)
     }
 }
@@ -232,7 +236,12 @@ impl Llama {
 
     /// Runs the decoder on new embeddings after what `cache` holds and
     /// returns the final-normed hidden states (B, T, H); the cache grows by T.
-    pub fn forward_embeds(&self, embeds: &Tensor, pos: &Positions, cache: &mut KvCache) -> Result<Tensor> {
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        pos: &Positions,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
         let past = cache.len();
         let s = past + t;
@@ -255,7 +264,10 @@ impl Llama {
         let (cos, sin) = self.rope.tables(&pos.positions)?;
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn.forward(&layer.attn_norm.forward(&x)?, &cos, &sin, &bias, cache, i)?;
+            let h =
+                layer
+                    .attn
+                    .forward(&layer.attn_norm.forward(&x)?, &cos, &sin, &bias, cache, i)?;
             let x1 = (x + h)?;
             let h = layer.mlp.forward(&layer.mlp_norm.forward(&x1)?)?;
             x = (x1 + h)?;

@@ -1,6 +1,7 @@
 //! Text: tokenizers and text encoders.
 
 pub mod bert;
+pub mod chat;
 pub mod clip_text;
 pub mod generate;
 pub mod kv_cache;

@@ -47,6 +47,13 @@ impl Tokenizer {
         Ok(Self { inner, max_len })
     }
 
+    /// Text of `ids`, without special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
     pub fn max_len(&self) -> usize {
         self.max_len
     }

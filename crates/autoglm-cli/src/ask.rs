@@ -1,0 +1,154 @@
+//! `autoglm ask` and `autoglm caption`: answer a question about images with a
+//! VLM, streaming the answer to the terminal.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use autoglm::assistant::{Assistant, Overflow};
+use autoglm::text::generate::{GenerateConfig, Sampling};
+use clap::Args;
+use serde_json::json;
+
+use crate::Global;
+
+/// Where the project's default model will live (made by the training issue).
+const DEFAULT_MODEL: &str = "models/autoglm-tiny";
+
+#[derive(Args)]
+pub struct GenArgs {
+    /// A HF LLaVA-layout model directory (default: the project's default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Keep only the K most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Penalise tokens already in the text (> 1 discourages repeats).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Seed of the sampler: the same seed gives the same answer.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the answer ends with this text (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Cut the end of the question instead of failing when the prompt is longer than the context.
+    #[arg(long)]
+    truncate: bool,
+}
+
+#[derive(Args)]
+pub struct AskArgs {
+    /// The question.
+    question: String,
+    /// An image to ask about (repeat for several; each is placed before the question).
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    #[command(flatten)]
+    gen: GenArgs,
+}
+
+#[derive(Args)]
+pub struct CaptionArgs {
+    /// The image to describe.
+    image: PathBuf,
+    /// The instruction given with the image.
+    #[arg(long, default_value = "Describe the image.")]
+    prompt: String,
+    #[command(flatten)]
+    gen: GenArgs,
+}
+
+fn model_dir(given: &Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(d) = given {
+        return Ok(d.clone());
+    }
+    let d = PathBuf::from(DEFAULT_MODEL);
+    if !d.join("config.json").is_file() {
+        bail!(
+            "no default model yet: {DEFAULT_MODEL} is made by training (the trainer issue); pass --model DIR with a HF LLaVA-layout model"
+        );
+    }
+    Ok(d)
+}
+
+pub fn ask(g: &Global, a: AskArgs) -> Result<()> {
+    run(g, &a.gen, &a.images, &a.question)
+}
+
+pub fn caption(g: &Global, a: CaptionArgs) -> Result<()> {
+    run(g, &a.gen, std::slice::from_ref(&a.image), &a.prompt)
+}
+
+fn run(g: &Global, a: &GenArgs, images: &[PathBuf], question: &str) -> Result<()> {
+    let dir = model_dir(&a.model)?;
+    let dev = autoglm::default_device()?;
+    let t0 = Instant::now();
+    let assistant = Assistant::load(&dir, &dev)?;
+    let imgs = if images.is_empty() {
+        Vec::new()
+    } else {
+        crate::commands::load_images(g, images)?
+    };
+    let cfg = GenerateConfig {
+        max_new_tokens: a.max_new_tokens,
+        sampling: Sampling {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+        },
+        stop_token_ids: Vec::new(),
+        stop_strings: a.stop.clone(),
+    };
+    let overflow = if a.truncate {
+        Overflow::TruncateQuestion
+    } else {
+        Overflow::Error
+    };
+    let loaded = t0.elapsed();
+    let t1 = Instant::now();
+    let mut stdout = std::io::stdout();
+    let answer = assistant.ask(&imgs, question, &cfg, overflow, &mut |piece| {
+        if !g.json {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+        true
+    })?;
+    let secs = t1.elapsed().as_secs_f64();
+    if g.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "model": dir,
+                "answer": answer.text,
+                "tokens": answer.tokens,
+                "finish_reason": answer.finish,
+                "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.tokens.len()},
+                "seconds": {"load": loaded.as_secs_f64(), "generate": secs},
+            }))?
+        );
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt + {} new tokens in {:.2} s; {:?}]",
+            answer.prompt_tokens,
+            answer.tokens.len(),
+            secs,
+            answer.finish
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! The `ask` pipeline (chat template → tokens → image splice → generation)
+//! against transformers' processor + generate, and the VLM's bad inputs.
+
+mod common;
+
+use autoglm::assistant::{Assistant, Overflow};
+use autoglm::io::image::{load, ImageLimits};
+use autoglm::text::generate::GenerateConfig;
+use autoglm::vlm::Llava;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+
+fn ids(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::U32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()
+}
+
+#[test]
+fn prompt_and_answer_match_the_reference_processor_and_generate() {
+    for name in ["llava-tiny-llama", "llava-tiny-qwen2"] {
+        let dir = fixtures().join(name);
+        let a = Assistant::load(&dir, &Device::Cpu).unwrap();
+        let r = load_fixture(&dir.join("reference.safetensors"));
+        let want_ids = ids(&r["conv0.input_ids"]);
+        let got_ids = a
+            .prompt_ids("what color is the shape?", 1, Overflow::Error, 16)
+            .unwrap();
+        assert_eq!(got_ids, want_ids, "{name}: prompt ids");
+
+        let img = load(&asset("photos").join("chelsea.png"), ImageLimits::default()).unwrap();
+        let cfg = GenerateConfig {
+            max_new_tokens: 16,
+            ..GenerateConfig::default()
+        };
+        let mut streamed = String::new();
+        let ans = a
+            .ask(
+                &[img],
+                "what color is the shape?",
+                &cfg,
+                Overflow::Error,
+                &mut |s| {
+                    streamed.push_str(s);
+                    true
+                },
+            )
+            .unwrap();
+        let want = ids(&r["conv0.generated"]);
+        // The reference generated 16 tokens regardless of EOS; we stop at EOS.
+        let n = want
+            .iter()
+            .position(|t| a.eos_ids.contains(t))
+            .map_or(16, |p| p + 1);
+        assert_eq!(ans.tokens, want[..n].to_vec(), "{name}: answer tokens");
+        assert_eq!(streamed, ans.text, "{name}: streamed text");
+    }
+}
+
+#[test]
+fn prompt_longer_than_the_context() {
+    let a = Assistant::load(&fixtures().join("llava-tiny-llama"), &Device::Cpu).unwrap();
+    let long = "is there a red circle? ".repeat(60);
+    let e = a
+        .prompt_ids(&long, 1, Overflow::Error, 16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("context of 256") && e.contains("--truncate"),
+        "{e}"
+    );
+    let ids = a
+        .prompt_ids(&long, 1, Overflow::TruncateQuestion, 16)
+        .unwrap();
+    assert!(
+        ids.len() <= 256 - 16 && ids.len() >= 256 - 16 - 3,
+        "{}",
+        ids.len()
+    );
+    // The image and the template's tail survive: the question's end is cut.
+    let img = a.model.config.image_token_index;
+    assert_eq!(
+        ids.iter().filter(|&&t| t == img).count(),
+        a.model.image_tokens()
+    );
+    let tail = a.prompt_ids("hi", 1, Overflow::Error, 16).unwrap();
+    assert_eq!(ids[ids.len() - 5..], tail[tail.len() - 5..]);
+    // Nothing left to cut: 16 images cannot fit.
+    let e = a
+        .prompt_ids("x", 16, Overflow::TruncateQuestion, 16)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("even without the question"), "{e}");
+}
+
+#[test]
+fn images_and_placeholders_must_agree() {
+    let m = Llava::load(&fixtures().join("llava-tiny-llama"), &Device::Cpu).unwrap();
+    let img = m.config.image_token_index;
+    let e = m
+        .expand_image_tokens(&[5, img, 6], 2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 image placeholders but 2 image(s)"), "{e}");
+    let e = m
+        .expand_image_tokens(&[5, img, img, 6], 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2 image placeholders but 1 image(s)"), "{e}");
+    assert_eq!(
+        m.expand_image_tokens(&[5, img, 6], 1).unwrap().len(),
+        2 + m.image_tokens()
+    );
+    // Image tokens in the prompt but no pixels.
+    let expanded = m.expand_image_tokens(&[5, img, 6], 1).unwrap();
+    let e = m.embed_prompt(&expanded, None).unwrap_err().to_string();
+    assert!(e.contains("no image was given"), "{e}");
+}
+
+#[test]
+fn an_image_the_vision_tower_cannot_take() {
+    let m = Llava::load(&fixtures().join("llava-tiny-llama"), &Device::Cpu).unwrap();
+    let expanded = m
+        .expand_image_tokens(&[5, m.config.image_token_index, 6], 1)
+        .unwrap();
+    let pixels = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
+    let e = m
+        .embed_prompt(&expanded, Some(&pixels))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3×32×32") && e.contains("3×64×64"), "{e}");
+}
+
+fn with_config(name: &str, edit: impl Fn(&str) -> String) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixtures().join(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    let new = edit(&cfg);
+    assert_ne!(cfg, new, "the edit changed nothing");
+    std::fs::write(dir.path().join("config.json"), new).unwrap();
+    dir
+}
+
+#[test]
+fn unknown_projector_and_mismatched_checkpoint() {
+    let d = with_config("llava-tiny-llama", |c| {
+        c.replacen("{", "{\"projector_type\": \"qformer\",", 1)
+    });
+    let e = Llava::load(d.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("unknown projector type `qformer`"), "{e}");
+
+    let d = with_config("llava-tiny-qwen2", |c| {
+        c.replacen("{", "{\"projector_type\": \"none\",", 1)
+    });
+    let e = Llava::load(d.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("projector `none` needs equal widths"), "{e}");
+
+    let d = with_config("llava-tiny-llama", |c| {
+        c.replace("\"intermediate_size\": 160", "\"intermediate_size\": 128")
+    });
+    let e = Llava::load(d.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("language_model.model.layers.0.mlp.gate_proj.weight") && e.contains("[128, 64]"),
+        "{e}"
+    );
+
+    let d = with_config("llava-tiny-qwen2", |c| {
+        c.replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"")
+    });
+    let e = Llava::load(d.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("rope type `yarn`"), "{e}");
+}
