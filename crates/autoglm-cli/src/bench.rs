@@ -32,7 +32,7 @@ pub struct EncodersArgs {
 }
 
 /// Median seconds per call of `f`.
-fn time_it(seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub fn time_it(seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     let mut times = Vec::new();
     let start = Instant::now();
@@ -46,7 +46,7 @@ fn time_it(seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 /// f32 GEMM GFLOP/s of candle on this machine (1024³, median).
-fn gemm_peak(seconds: f64) -> Result<f64> {
+pub fn gemm_peak(seconds: f64) -> Result<f64> {
     let n = 1024;
     let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
@@ -58,43 +58,29 @@ fn gemm_peak(seconds: f64) -> Result<f64> {
 }
 
 /// The PyTorch side: a child process answering timing requests.
-struct TorchServer {
+pub struct TorchServer {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     stdout: std::io::BufReader<std::process::ChildStdout>,
-    info: serde_json::Value,
+    pub info: serde_json::Value,
     dir: PathBuf,
 }
 
 impl TorchServer {
-    fn start(
-        py: &std::path::Path,
-        script: &std::path::Path,
-        pixels: &Tensor,
-        sentences: &[String],
-        threads: usize,
-    ) -> Result<Self> {
+    /// Starts `py script ARGS…`; `dir` (removed on drop) holds its inputs.
+    pub fn spawn(py: &std::path::Path, script: &std::path::Path, args: &[String], dir: PathBuf) -> Result<Self> {
         use std::io::BufRead;
         use std::process::Stdio;
-        let dir = std::env::temp_dir().join(format!("autoglm-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        candle_core::safetensors::save(
-            &std::collections::HashMap::from([("pixels".to_string(), pixels.clone())]),
-            dir.join("pixels_b32.safetensors"),
-        )?;
-        std::fs::write(
-            dir.join("sentences.json"),
-            serde_json::to_string(sentences)?,
-        )?;
+        if !script.is_file() {
+            anyhow::bail!(
+                "{} not found; run from the repository root or pass --script",
+                script.display()
+            );
+        }
         eprintln!("starting PyTorch with {}…", py.display());
         let mut child = Command::new(py)
             .arg(script)
-            .args([
-                "--dir",
-                &dir.to_string_lossy(),
-                "--threads",
-                &threads.to_string(),
-            ])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -109,18 +95,28 @@ impl TorchServer {
             line.clear();
         }
         let info: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| {
-            format!("the PyTorch side did not start ({}); does {} have torch, efficientnet-lite-pytorch and sentence-transformers?", line.trim(), py.display())
+            format!(
+                "the PyTorch side did not start ({}); does {} have torch, transformers and the script's other imports?",
+                line.trim(),
+                py.display()
+            )
         })?;
-        Ok(Self {
-            child,
-            stdin,
-            stdout,
-            info,
-            dir,
-        })
+        Ok(Self { child, stdin, stdout, info, dir })
     }
 
-    fn time(&mut self, case: &str, seconds: f64) -> Result<f64> {
+    fn start(py: &std::path::Path, script: &std::path::Path, pixels: &Tensor, sentences: &[String], threads: usize) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("autoglm-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("pixels".to_string(), pixels.clone())]),
+            dir.join("pixels_b32.safetensors"),
+        )?;
+        std::fs::write(dir.join("sentences.json"), serde_json::to_string(sentences)?)?;
+        let args = vec!["--dir".to_string(), dir.to_string_lossy().into_owned(), "--threads".into(), threads.to_string()];
+        Self::spawn(py, script, &args, dir)
+    }
+
+    pub fn time(&mut self, case: &str, seconds: f64) -> Result<f64> {
         use std::io::{BufRead, Write};
         writeln!(self.stdin, "{case} {seconds}")?;
         self.stdin.flush()?;

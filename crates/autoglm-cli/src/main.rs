@@ -6,6 +6,7 @@
 
 mod ask;
 mod bench;
+mod bench_lm;
 mod commands;
 
 use std::process::ExitCode;
@@ -87,6 +88,9 @@ enum BenchCommand {
     /// EfficientNet-Lite0 images/s (batch 1, 32) and MiniLM sentences/s
     /// (batch 1, 64), beside PyTorch when --python is given.
     Encoders(bench::EncodersArgs),
+    /// Prefill and decode tokens/s of a ~100M-parameter Llama and the latency
+    /// of one `ask` with a 224×224 image, beside transformers.
+    Lm(bench_lm::LmArgs),
 }
 
 fn main() -> ExitCode {
@@ -134,6 +138,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Encoders(a),
         } => bench::encoders(g, a),
+        Command::Bench {
+            command: BenchCommand::Lm(a),
+        } => bench_lm::lm(g, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

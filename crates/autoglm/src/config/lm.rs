@@ -112,7 +112,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if !self.head_dim().is_multiple_of(2) {
+        if self.head_dim() % 2 != 0 {
             return Err(invalid(
                 path,
                 format!("head_dim {} must be even for RoPE", self.head_dim()),

@@ -67,7 +67,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(cfg: Sampling) -> Result<Self> {
-        if !(cfg.temperature >= 0.0) || cfg.repetition_penalty <= 0.0 {
+        if cfg.temperature.is_nan() || cfg.temperature < 0.0 || cfg.repetition_penalty <= 0.0 {
             return Err(Error::Invalid(format!(
                 "temperature must be ≥ 0 and repetition penalty > 0 (got {} and {})",
                 cfg.temperature, cfg.repetition_penalty

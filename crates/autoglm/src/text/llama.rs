@@ -129,8 +129,8 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?.silu()?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        let h = crate::ops::silu_mul(&self.gate.forward(x)?, &self.up.forward(x)?)?;
+        self.down.forward(&h)
     }
 }
 
