@@ -68,7 +68,12 @@ pub struct TorchServer {
 
 impl TorchServer {
     /// Starts `py script ARGS…`; `dir` (removed on drop) holds its inputs.
-    pub fn spawn(py: &std::path::Path, script: &std::path::Path, args: &[String], dir: PathBuf) -> Result<Self> {
+    pub fn spawn(
+        py: &std::path::Path,
+        script: &std::path::Path,
+        args: &[String],
+        dir: PathBuf,
+    ) -> Result<Self> {
         use std::io::BufRead;
         use std::process::Stdio;
         if !script.is_file() {
@@ -101,18 +106,38 @@ impl TorchServer {
                 py.display()
             )
         })?;
-        Ok(Self { child, stdin, stdout, info, dir })
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            info,
+            dir,
+        })
     }
 
-    fn start(py: &std::path::Path, script: &std::path::Path, pixels: &Tensor, sentences: &[String], threads: usize) -> Result<Self> {
+    fn start(
+        py: &std::path::Path,
+        script: &std::path::Path,
+        pixels: &Tensor,
+        sentences: &[String],
+        threads: usize,
+    ) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("autoglm-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         candle_core::safetensors::save(
             &std::collections::HashMap::from([("pixels".to_string(), pixels.clone())]),
             dir.join("pixels_b32.safetensors"),
         )?;
-        std::fs::write(dir.join("sentences.json"), serde_json::to_string(sentences)?)?;
-        let args = vec!["--dir".to_string(), dir.to_string_lossy().into_owned(), "--threads".into(), threads.to_string()];
+        std::fs::write(
+            dir.join("sentences.json"),
+            serde_json::to_string(sentences)?,
+        )?;
+        let args = vec![
+            "--dir".to_string(),
+            dir.to_string_lossy().into_owned(),
+            "--threads".into(),
+            threads.to_string(),
+        ];
         Self::spawn(py, script, &args, dir)
     }
 

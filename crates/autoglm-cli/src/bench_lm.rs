@@ -64,7 +64,10 @@ fn config() -> serde_json::Value {
 fn write_model(dir: &Path) -> Result<usize> {
     std::fs::create_dir_all(dir)?;
     let cfg_json = config();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg_json)?)?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg_json)?,
+    )?;
     let cfg: LlavaConfig = serde_json::from_value(cfg_json)?;
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
@@ -76,15 +79,28 @@ fn write_model(dir: &Path) -> Result<usize> {
     }
     let params: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
     vm.save(dir.join("model.safetensors"))?;
-    std::fs::write(dir.join("tokenizer.json"), include_str!("../../../tests/fixtures/llava-tiny-llama/tokenizer.json"))?;
-    std::fs::write(dir.join("tokenizer_config.json"), include_str!("../../../tests/fixtures/llava-tiny-llama/tokenizer_config.json"))?;
-    std::fs::write(dir.join("chat_template.jinja"), include_str!("../../../tests/fixtures/llava-tiny-llama/chat_template.jinja"))?;
-    let mut proc: serde_json::Value =
-        serde_json::from_str(include_str!("../../../tests/fixtures/llava-tiny-llama/processor_config.json"))?;
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        include_str!("../../../tests/fixtures/llava-tiny-llama/tokenizer.json"),
+    )?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        include_str!("../../../tests/fixtures/llava-tiny-llama/tokenizer_config.json"),
+    )?;
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        include_str!("../../../tests/fixtures/llava-tiny-llama/chat_template.jinja"),
+    )?;
+    let mut proc: serde_json::Value = serde_json::from_str(include_str!(
+        "../../../tests/fixtures/llava-tiny-llama/processor_config.json"
+    ))?;
     proc["image_processor"]["size"] = json!({"shortest_edge": 224});
     proc["image_processor"]["crop_size"] = json!({"height": 224, "width": 224});
     proc["patch_size"] = json!(32);
-    std::fs::write(dir.join("processor_config.json"), serde_json::to_string_pretty(&proc)?)?;
+    std::fs::write(
+        dir.join("processor_config.json"),
+        serde_json::to_string_pretty(&proc)?,
+    )?;
     Ok(params)
 }
 
@@ -119,7 +135,10 @@ fn memory_bandwidth() -> f64 {
 pub fn lm(g: &Global, a: LmArgs) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let dir = std::env::temp_dir().join(format!("autoglm-bench-lm-{}", std::process::id()));
-    eprintln!("writing a random ~190M-parameter LLaVA (ViT-B/32 tower + 100M Llama) to {}…", dir.display());
+    eprintln!(
+        "writing a random ~190M-parameter LLaVA (ViT-B/32 tower + 100M Llama) to {}…",
+        dir.display()
+    );
     let params = write_model(&dir)?;
     let image = autoglm::io::assets::dir("photos")?.join("chelsea.png");
     let dev = Device::Cpu;
@@ -166,7 +185,13 @@ pub fn lm(g: &Global, a: LmArgs) -> Result<()> {
                     max_new_tokens: 16,
                     ..GenerateConfig::default()
                 };
-                assistant.ask(std::slice::from_ref(&img), "what color is the shape?", &cfg, Overflow::Error, &mut |_| true)?;
+                assistant.ask(
+                    std::slice::from_ref(&img),
+                    "what color is the shape?",
+                    &cfg,
+                    Overflow::Error,
+                    &mut |_| true,
+                )?;
                 Ok(())
             }),
         }
@@ -212,11 +237,17 @@ pub fn lm(g: &Global, a: LmArgs) -> Result<()> {
         .map(|i| {
             let o = median(ours[i].to_vec());
             let t = info.as_ref().map(|_| median(theirs[i].to_vec()));
-            let ratio = info.as_ref().map(|_| median((0..ROUNDS).map(|r| theirs[i][r] / ours[i][r]).collect()));
+            let ratio = info
+                .as_ref()
+                .map(|_| median((0..ROUNDS).map(|r| theirs[i][r] / ours[i][r]).collect()));
             let (ours_v, torch_v, unit) = match i {
                 0 => (128.0 / o, t.map(|t| 128.0 / t), "prefill tokens/s"),
                 1 => (1.0 / o, t.map(|t| 1.0 / t), "decode tokens/s"),
-                _ => (o * 1e3, t.map(|t| t * 1e3), "ask latency ms (224² image, 16 new tokens)"),
+                _ => (
+                    o * 1e3,
+                    t.map(|t| t * 1e3),
+                    "ask latency ms (224² image, 16 new tokens)",
+                ),
             };
             json!({"case": keys[i], "unit": unit, "ours": ours_v, "torch": torch_v, "ratio": ratio})
         })
@@ -239,17 +270,31 @@ pub fn lm(g: &Global, a: LmArgs) -> Result<()> {
         lm_params as f64 / 1e6
     );
     if let Some(t) = &info {
-        println!("PyTorch {} on {} threads", t["torch"].as_str().unwrap_or("?"), t["threads"]);
+        println!(
+            "PyTorch {} on {} threads",
+            t["torch"].as_str().unwrap_or("?"),
+            t["threads"]
+        );
     }
-    println!("{:<44} {:>10} {:>10} {:>8}", "case", "ours", "PyTorch", "ratio");
+    println!(
+        "{:<44} {:>10} {:>10} {:>8}",
+        "case", "ours", "PyTorch", "ratio"
+    );
     for r in &rows {
-        let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.1}")).unwrap_or_else(|| "—".into());
+        let f = |v: &serde_json::Value| {
+            v.as_f64()
+                .map(|x| format!("{x:.1}"))
+                .unwrap_or_else(|| "—".into())
+        };
         println!(
             "{:<44} {:>10} {:>10} {:>8}",
             r["unit"].as_str().unwrap_or(""),
             f(&r["ours"]),
             f(&r["torch"]),
-            r["ratio"].as_f64().map(|x| format!("{x:.2}×")).unwrap_or_else(|| "—".into())
+            r["ratio"]
+                .as_f64()
+                .map(|x| format!("{x:.2}×"))
+                .unwrap_or_else(|| "—".into())
         );
     }
     println!(

@@ -182,11 +182,17 @@ impl CustomOp2 for SiluMul {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (g, u) = match (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets()) {
-            (CpuStorage::F32(g), Some((gs, ge)), CpuStorage::F32(u), Some((us, ue))) => (&g[gs..ge], &u[us..ue]),
+            (CpuStorage::F32(g), Some((gs, ge)), CpuStorage::F32(u), Some((us, ue))) => {
+                (&g[gs..ge], &u[us..ue])
+            }
             _ => candle_core::bail!("silu-mul: needs contiguous f32 tensors"),
         };
         if l1.shape() != l2.shape() {
-            candle_core::bail!("silu-mul: shapes {:?} and {:?} differ", l1.dims(), l2.dims())
+            candle_core::bail!(
+                "silu-mul: shapes {:?} and {:?} differ",
+                l1.dims(),
+                l2.dims()
+            )
         }
         let n = g.len();
         let mut out: Vec<f32> = Vec::with_capacity(n);
@@ -226,7 +232,9 @@ unsafe fn silu_mul_avx2(o: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]) {
 /// `silu(gate) · up`, the SwiGLU activation, in one parallel pass.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.device().is_cpu() && gate.dtype() == candle_core::DType::F32 {
-        return Ok(gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?);
+        return Ok(gate
+            .contiguous()?
+            .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?);
     }
     Ok((gate.silu()? * up)?)
 }
@@ -262,7 +270,11 @@ mod tests {
         let g = Tensor::randn(0f32, 3.0, (5, 33, 70), &d)?;
         let u = Tensor::randn(0f32, 1.0, (5, 33, 70), &d)?;
         let want = (g.silu()? * &u)?;
-        let err = (silu_mul(&g, &u)? - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let err = (silu_mul(&g, &u)? - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert!(err < 1e-5, "{err}");
         Ok(())
     }

@@ -175,3 +175,84 @@ fn stop_tokens_and_streaming() {
     assert_eq!(g.tokens.len(), 1);
     assert_eq!(g.finish, autoglm::text::generate::Finish::Cancelled);
 }
+
+/// A standalone `LlamaForCausalLM` / `Qwen2ForCausalLM` directory, sharded
+/// with an index file: the decoder's weights cut out of the LLaVA fixtures.
+#[test]
+fn loads_sharded_causal_lm_checkpoints() {
+    use autoglm::text::llama::Llama;
+    use std::collections::HashMap;
+    for name in MODELS {
+        let src = fixtures().join(name);
+        let all = load_fixture(&src.join("model.safetensors"));
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, mut b) = (HashMap::new(), HashMap::new());
+        let mut index = serde_json::Map::new();
+        for (k, v) in &all {
+            let Some(rest) = k.strip_prefix("language_model.") else {
+                continue;
+            };
+            let second = rest.contains("layers.1.") || rest.starts_with("lm_head");
+            let (shard, file) = if second {
+                (&mut b, "model-00002-of-00002.safetensors")
+            } else {
+                (&mut a, "model-00001-of-00002.safetensors")
+            };
+            shard.insert(rest.to_string(), v.clone());
+            index.insert(
+                rest.to_string(),
+                serde_json::Value::String(file.to_string()),
+            );
+        }
+        candle_core::safetensors::save(&a, dir.path().join("model-00001-of-00002.safetensors"))
+            .unwrap();
+        candle_core::safetensors::save(&b, dir.path().join("model-00002-of-00002.safetensors"))
+            .unwrap();
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            serde_json::json!({"metadata": {}, "weight_map": index}).to_string(),
+        )
+        .unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap())
+                .unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            cfg["text_config"].to_string(),
+        )
+        .unwrap();
+
+        let lm = Llama::load(dir.path(), &Device::Cpu).unwrap();
+        let r = load_fixture(&src.join("reference.safetensors"));
+        let text = r["text.input_ids"].to_dtype(DType::U32).unwrap();
+        let d = max_abs_diff(
+            &lm.forward(&text, &mut lm.new_cache()).unwrap(),
+            &r["text.logits"],
+        );
+        assert!(d < 1e-4, "{name}: {d}");
+    }
+}
+
+/// The chat template may also live in tokenizer_config.json.
+#[test]
+fn chat_template_from_tokenizer_config() {
+    use autoglm::text::chat::ChatTemplate;
+    let src = fixtures().join("llava-tiny-qwen2");
+    let dir = tempfile::tempdir().unwrap();
+    let tpl = std::fs::read_to_string(src.join("chat_template.jinja")).unwrap();
+    let mut tk: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    tk["chat_template"] = serde_json::Value::String(tpl);
+    std::fs::write(dir.path().join("tokenizer_config.json"), tk.to_string()).unwrap();
+    let a = ChatTemplate::load(dir.path()).unwrap().unwrap();
+    let b = ChatTemplate::load(&src).unwrap().unwrap();
+    let msgs = serde_json::json!([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]);
+    assert_eq!(
+        a.render(&msgs, true).unwrap(),
+        b.render(&msgs, true).unwrap()
+    );
+    assert!(ChatTemplate::load(tempfile::tempdir().unwrap().path())
+        .unwrap()
+        .is_none());
+}
