@@ -118,7 +118,7 @@ impl Assistant {
                     ids.len()
                 )));
             }
-            let q = self.tokenizer.encode(&question)?;
+            let q = self.tokenizer.encode_plain(&question)?;
             let excess = ids.len() - budget;
             if excess >= q.len() {
                 return Err(Error::Invalid(format!(
@@ -140,7 +140,9 @@ impl Assistant {
         content.push(serde_json::json!({"type": "text", "text": question}));
         let messages = serde_json::json!([{"role": "user", "content": content}]);
         let text = self.template.render(&messages, true)?;
-        let ids = self.tokenizer.encode(&text)?;
+        // As `apply_chat_template(tokenize=True)`: the template already
+        // writes the special tokens it wants (a BOS would otherwise double).
+        let ids = self.tokenizer.encode_plain(&text)?;
         self.model.expand_image_tokens(&ids, n_images)
     }
 
@@ -165,7 +167,7 @@ impl Assistant {
         cfg.stop_token_ids.extend(&self.eos_ids);
         let decode = |t: &[u32]| self.tokenizer.decode(t);
         let mut generated: Vec<u32> = Vec::new();
-        let mut shown = 0usize;
+        let mut shown = String::new();
         let mut error = None;
         let g = generate(
             &self.model.lm,
@@ -176,10 +178,16 @@ impl Assistant {
             &mut |tok| {
                 generated.push(tok);
                 match self.tokenizer.decode(&generated) {
-                    // Hold back an incomplete UTF-8 sequence until it completes.
-                    Ok(text) if !text.ends_with('\u{fffd}') && text.len() > shown => {
-                        let more = on_text(&text[shown..]);
-                        shown = text.len();
+                    // Emit only growth of what was shown; hold back an
+                    // incomplete UTF-8 sequence, or a re-decoding that
+                    // changed earlier text.
+                    Ok(text)
+                        if !text.ends_with('\u{fffd}')
+                            && text.len() > shown.len()
+                            && text.starts_with(&shown) =>
+                    {
+                        let more = on_text(&text[shown.len()..]);
+                        shown = text;
                         more
                     }
                     Ok(_) => true,

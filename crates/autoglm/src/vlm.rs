@@ -90,7 +90,14 @@ impl Llava {
         let n = out.hidden_states.len() as i64;
         let l = self.config.vision_feature_layer;
         let idx = if l < 0 { n + l } else { l };
-        let h = &out.hidden_states[idx as usize];
+        let h = usize::try_from(idx)
+            .ok()
+            .and_then(|i| out.hidden_states.get(i))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "vision_feature_layer {l} is outside the tower's {n} hidden states"
+                ))
+            })?;
         let h = if self.config.vision_feature_select_strategy == "default" {
             h.narrow(1, 1, h.dim(1)? - 1)?
         } else {

@@ -188,3 +188,83 @@ fn unknown_projector_and_mismatched_checkpoint() {
         .to_string();
     assert!(e.contains("rope type `yarn`"), "{e}");
 }
+
+#[test]
+fn stop_strings_end_the_answer() {
+    use autoglm::text::generate::{generate, Finish};
+    let a = Assistant::load(&fixtures().join("llava-tiny-llama"), &Device::Cpu).unwrap();
+    let lm = &a.model.lm;
+    let prompt: Vec<u32> = vec![5, 17, 42, 99, 7];
+    let e = lm
+        .embed(
+            &Tensor::new(prompt.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    // A decoder whose text is easy to reason about: token t → "<t>".
+    let decode =
+        |t: &[u32]| -> autoglm::Result<String> { Ok(t.iter().map(|t| format!("<{t}>")).collect()) };
+    let cfg = GenerateConfig {
+        max_new_tokens: 12,
+        ..GenerateConfig::default()
+    };
+    let full = generate(lm, &e, &prompt, &cfg, Some(&decode), &mut |_| true)
+        .unwrap()
+        .tokens;
+    let text_at = |k: usize| decode(&full[..k]).unwrap();
+    // The reference semantics (HF's StopStringCriteria): stop at the first
+    // token after which the text contains the stop string, also when the
+    // string starts in an earlier token and ends inside the last one.
+    let t4 = full[4].to_string();
+    for stop in [
+        text_at(5),
+        format!("><{t4}"),
+        format!("{}><", full[2]),
+        format!("<{}", &t4[..1]),
+    ] {
+        let want = (1..=full.len())
+            .find(|&n| text_at(n).contains(&stop))
+            .unwrap();
+        let cfg = GenerateConfig {
+            stop_strings: vec![stop.clone()],
+            ..cfg.clone()
+        };
+        let g = generate(lm, &e, &prompt, &cfg, Some(&decode), &mut |_| true).unwrap();
+        assert_eq!(g.tokens, full[..want].to_vec(), "stop {stop:?}");
+        assert_eq!(g.finish, Finish::Stop);
+    }
+    let bad = GenerateConfig {
+        stop_strings: vec![String::new()],
+        ..cfg
+    };
+    assert!(generate(lm, &e, &prompt, &bad, Some(&decode), &mut |_| true).is_err());
+}
+
+/// The transformers 4 spelling (`rope_scaling` with `type`, top-level
+/// `rope_theta`) gives the same model as the transformers 5 one.
+#[test]
+fn rope_scaling_in_both_spellings() {
+    let d = with_config("llava-tiny-llama", |c| {
+        c.replace(
+            "\"rope_parameters\": {\n      \"factor\": 2.0,\n      \"rope_theta\": 10000.0,\n      \"rope_type\": \"linear\"\n    }",
+            "\"rope_scaling\": {\"type\": \"linear\", \"factor\": 2.0}, \"rope_theta\": 10000.0",
+        )
+    });
+    let m = Llava::load(d.path(), &Device::Cpu).unwrap();
+    assert_eq!(m.lm.config.rope_linear_factor(), 2.0);
+    let r = load_fixture(
+        &fixtures()
+            .join("llava-tiny-llama")
+            .join("reference.safetensors"),
+    );
+    let text = r["text.input_ids"].to_dtype(DType::U32).unwrap();
+    let dd = max_abs_diff(
+        &m.lm.forward(&text, &mut m.lm.new_cache()).unwrap(),
+        &r["text.logits"],
+    );
+    assert!(dd < 1e-4, "{dd}");
+}

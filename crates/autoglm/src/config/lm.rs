@@ -36,14 +36,21 @@ impl TokenIds {
 }
 
 /// HF `LlamaConfig` / `Qwen2Config`: the fields a Llama-family decoder needs.
+/// Missing fields take `LlamaConfig`'s defaults, as transformers does for
+/// the partial `text_config` older LLaVA checkpoints save.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlamaConfig {
     #[serde(default)]
     pub model_type: Option<String>,
+    #[serde(default = "d_vocab")]
     pub vocab_size: usize,
+    #[serde(default = "d_hidden")]
     pub hidden_size: usize,
+    #[serde(default = "d_inter")]
     pub intermediate_size: usize,
+    #[serde(default = "d_layers")]
     pub num_hidden_layers: usize,
+    #[serde(default = "d_layers")]
     pub num_attention_heads: usize,
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
@@ -72,6 +79,23 @@ pub struct LlamaConfig {
     pub eos_token_id: Option<TokenIds>,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub use_sliding_window: bool,
+}
+
+fn d_vocab() -> usize {
+    32000
+}
+fn d_hidden() -> usize {
+    4096
+}
+fn d_inter() -> usize {
+    11008
+}
+fn d_layers() -> usize {
+    32
 }
 
 fn default_rms_eps() -> f64 {
@@ -101,6 +125,19 @@ impl LlamaConfig {
                     "num_key_value_heads {kv} must divide num_attention_heads {}",
                     self.num_attention_heads
                 ),
+            ));
+        }
+        if self.vocab_size == 0 {
+            return Err(invalid(path, "vocab_size must be positive".into()));
+        }
+        if self.mlp_bias {
+            return Err(invalid(path, "mlp_bias = true is not supported".into()));
+        }
+        if self.use_sliding_window {
+            return Err(invalid(
+                path,
+                "use_sliding_window = true (Qwen2 sliding-window attention) is not supported"
+                    .into(),
             ));
         }
         if self.hidden_act != "silu" {

@@ -25,26 +25,109 @@ fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
     Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
 }
 
-/// `tojson` as transformers defines it: no ASCII escaping, optional indent.
-fn tojson(value: Value, indent: Option<usize>) -> std::result::Result<Value, JinjaError> {
-    let json: Json = serde_json::to_value(&value)
-        .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    let text = match indent {
-        Some(n) => {
-            let mut buf = Vec::new();
-            let ind = " ".repeat(n);
-            let fmt = serde_json::ser::PrettyFormatter::with_indent(ind.as_bytes());
-            let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
-            serde::Serialize::serialize(&json, &mut ser)
-                .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
-            String::from_utf8_lossy(&buf).into_owned()
+/// Python `json.dumps` separators: `", "` and `": "` on one line.
+struct PySpaced;
+
+impl serde_json::ser::Formatter for PySpaced {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
         }
-        None => serde_json::to_string(&json)
-            .unwrap_or_default()
-            .replace("\":", "\": ")
-            .replace(",\"", ", \""),
-    };
-    Ok(Value::from_safe_string(text))
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
+/// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False,
+/// indent=indent)`, keys in insertion order.
+fn tojson(
+    value: Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<Value, JinjaError> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let err = |e: serde_json::Error| JinjaError::new(ErrorKind::InvalidOperation, e.to_string());
+    let json: Json = serde_json::to_value(&value).map_err(err)?;
+    let mut buf = Vec::new();
+    match indent {
+        Some(n) => {
+            let ind = " ".repeat(n);
+            let mut ser = serde_json::Serializer::with_formatter(
+                &mut buf,
+                serde_json::ser::PrettyFormatter::with_indent(ind.as_bytes()),
+            );
+            serde::Serialize::serialize(&json, &mut ser).map_err(err)?;
+        }
+        None => {
+            let mut ser = serde_json::Serializer::with_formatter(&mut buf, PySpaced);
+            serde::Serialize::serialize(&json, &mut ser).map_err(err)?;
+        }
+    }
+    Ok(Value::from_safe_string(
+        String::from_utf8_lossy(&buf).into_owned(),
+    ))
+}
+
+/// `strftime_now(format)`: the current UTC date, for templates that print
+/// today's date (Llama 3). Supports %Y %m %d %B %b %H %M %S.
+fn strftime_now(format: String) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let month = MONTHS[(m - 1) as usize];
+    format
+        .replace("%Y", &y.to_string())
+        .replace("%m", &format!("{m:02}"))
+        .replace("%d", &format!("{d:02}"))
+        .replace("%B", month)
+        .replace("%b", &month[..3])
+        .replace("%H", &format!("{:02}", rem / 3600))
+        .replace("%M", &format!("{:02}", rem % 3600 / 60))
+        .replace("%S", &format!("{:02}", rem % 60))
 }
 
 impl ChatTemplate {
@@ -62,6 +145,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
+        env.add_function("strftime_now", strftime_now);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Invalid(format!("the chat template does not compile: {e:#}")))?;
         Ok(Self {
@@ -113,6 +197,13 @@ impl ChatTemplate {
         source.map(|s| Self::new(&s, &bos, &eos)).transpose()
     }
 
+    /// Renders with an arbitrary JSON context (tests, tools).
+    pub fn render_value(&self, ctx: &Json) -> Result<String> {
+        let tpl = self.env.get_template("chat").expect("added in new()");
+        tpl.render(Value::from(minijinja::value::Serde(ctx)))
+            .map_err(|e| Error::Invalid(format!("the chat template failed: {e:#}")))
+    }
+
     /// Renders `messages` (a JSON array of `{role, content}`, where content
     /// is a string or a list of `{"type": "image"}` / `{"type": "text",
     /// "text": …}` parts).
@@ -134,5 +225,30 @@ impl ChatTemplate {
             )),
             _ => Error::Invalid(format!("the chat template failed: {e:#}")),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tojson_matches_python_json_dumps() {
+        let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}", "", "").unwrap();
+        // Insertion order, Python's separators, no ASCII escaping; a string
+        // holding `":` is left alone.
+        let x = serde_json::json!({"x": {"name": "f\":é", "args": [1, 2], "a": {}}});
+        let out = t.render_value(&x).unwrap();
+        assert_eq!(
+            out,
+            "{\"name\": \"f\\\":é\", \"args\": [1, 2], \"a\": {}}|{\n  \"name\": \"f\\\":é\",\n  \"args\": [\n    1,\n    2\n  ],\n  \"a\": {}\n}"
+        );
+    }
+
+    #[test]
+    fn strftime_now_formats_a_date() {
+        let s = strftime_now("%d %b %Y".into());
+        assert_eq!(s.len(), 11, "{s}");
+        assert!(s[7..].parse::<i32>().unwrap() >= 2024);
     }
 }

@@ -73,6 +73,9 @@ impl Sampler {
                 cfg.temperature, cfg.repetition_penalty
             )));
         }
+        if !cfg.repetition_penalty.is_finite() {
+            return Err(Error::Invalid("repetition penalty must be finite".into()));
+        }
         if let Some(p) = cfg.top_p {
             if !(p > 0.0 && p <= 1.0) {
                 return Err(Error::Invalid(format!("top_p must be in (0, 1], got {p}")));
@@ -84,7 +87,12 @@ impl Sampler {
 
     /// The next token given the logits of the last position and the
     /// sequence so far (prompt and generated).
-    pub fn sample(&mut self, logits: &[f32], previous: &[u32]) -> u32 {
+    pub fn sample(&mut self, logits: &[f32], previous: &[u32]) -> Result<u32> {
+        if logits.is_empty() || logits.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Invalid(
+                "the model produced empty or non-finite logits (NaN/inf); the checkpoint is broken or its weights overflow".into(),
+            ));
+        }
         let mut l = logits.to_vec();
         if self.cfg.repetition_penalty != 1.0 {
             let p = self.cfg.repetition_penalty;
@@ -97,18 +105,20 @@ impl Sampler {
                 }
             }
         }
-        if self.cfg.temperature == 0.0 {
-            return argmax(&l);
+        // A temperature this small is greedy (and would overflow below).
+        if self.cfg.temperature < 1e-5 {
+            return Ok(argmax(&l));
         }
-        let t = self.cfg.temperature as f32;
+        let t = self.cfg.temperature;
         let mut idx: Vec<usize> = (0..l.len()).collect();
         idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
-        if let Some(k) = self.cfg.top_k {
-            idx.truncate(k.max(1));
+        // As in transformers, top_k = 0 disables the filter.
+        if let Some(k) = self.cfg.top_k.filter(|&k| k > 0) {
+            idx.truncate(k);
         }
-        let max = l[idx[0]] / t;
-        let mut probs: Vec<f32> = idx.iter().map(|&i| (l[i] / t - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
+        let max = l[idx[0]] as f64 / t;
+        let mut probs: Vec<f64> = idx.iter().map(|&i| (l[i] as f64 / t - max).exp()).collect();
+        let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         if let Some(top_p) = self.cfg.top_p {
             // Keep the smallest prefix whose mass reaches top_p (at least one).
@@ -116,25 +126,25 @@ impl Sampler {
             let mut keep = probs.len();
             for (n, p) in probs.iter().enumerate() {
                 acc += p;
-                if acc as f64 >= top_p {
+                if acc >= top_p {
                     keep = n + 1;
                     break;
                 }
             }
             probs.truncate(keep);
             idx.truncate(keep);
-            let s: f32 = probs.iter().sum();
+            let s: f64 = probs.iter().sum();
             probs.iter_mut().for_each(|p| *p /= s);
         }
-        let r: f32 = self.rng.random();
+        let r: f64 = self.rng.random();
         let mut acc = 0.0;
         for (n, p) in probs.iter().enumerate() {
             acc += p;
             if r < acc {
-                return idx[n] as u32;
+                return Ok(idx[n] as u32);
             }
         }
-        idx[probs.len() - 1] as u32
+        Ok(idx[probs.len() - 1] as u32)
     }
 }
 
@@ -189,6 +199,9 @@ pub fn generate_batch(
             "generate: need one id list per prompt".into(),
         ));
     }
+    if cfg.stop_strings.iter().any(String::is_empty) {
+        return Err(Error::Invalid("stop strings must not be empty".into()));
+    }
     if !cfg.stop_strings.is_empty() && decode.is_none() {
         return Err(Error::Invalid(
             "stop strings need a tokenizer to decode with".into(),
@@ -198,6 +211,11 @@ pub fn generate_batch(
         .iter()
         .map(|p| p.dim(0))
         .collect::<candle_core::Result<_>>()?;
+    if lens.contains(&0) {
+        return Err(Error::Invalid(
+            "cannot generate after an empty prompt".into(),
+        ));
+    }
     let t_max = *lens.iter().max().expect("non-empty");
     let max_ctx = lm.config.max_position_embeddings;
     if t_max + cfg.max_new_tokens > max_ctx {
@@ -260,7 +278,7 @@ pub fn generate_batch(
             if done[r] {
                 continue;
             }
-            let tok = samplers[r].sample(&logits[r], &seqs[r]);
+            let tok = samplers[r].sample(&logits[r], &seqs[r])?;
             next[r] = tok;
             seqs[r].push(tok);
             out[r].tokens.push(tok);
@@ -272,8 +290,17 @@ pub fn generate_batch(
                 out[r].finish = Finish::Stop;
             } else if let Some(dec) = decode {
                 if !cfg.stop_strings.is_empty() {
+                    // A stop string may end inside the last token (HF's
+                    // StopStringCriteria): search the text that token could
+                    // have completed.
+                    let n = out[r].tokens.len();
+                    let before = dec(&out[r].tokens[..n - 1])?.len();
                     let text = dec(&out[r].tokens)?;
-                    if cfg.stop_strings.iter().any(|s| text.ends_with(s.as_str())) {
+                    let hit = cfg.stop_strings.iter().any(|s| {
+                        let from = before.saturating_sub(s.len() - 1);
+                        text.get(from..).is_some_and(|t| t.contains(s.as_str()))
+                    });
+                    if hit {
                         done[r] = true;
                         out[r].finish = Finish::Stop;
                     }
@@ -327,15 +354,16 @@ mod tests {
     #[test]
     fn greedy_is_argmax_after_repetition_penalty() {
         let mut s = Sampler::new(Sampling::default()).unwrap();
-        assert_eq!(s.sample(&[0.1, 2.0, 1.9], &[]), 1);
+        assert_eq!(s.sample(&[0.1, 2.0, 1.9], &[]).unwrap(), 1);
         let mut s = Sampler::new(Sampling {
             repetition_penalty: 1.5,
             ..Sampling::default()
         })
         .unwrap();
         // 2.0 / 1.5 < 1.9: the repeated token loses; negative logits are multiplied.
-        assert_eq!(s.sample(&[0.1, 2.0, 1.9], &[1]), 2);
-        assert_eq!(s.sample(&[-1.0, -1.2, -3.0], &[0]), 1);
+        assert_eq!(s.sample(&[0.1, 2.0, 1.9], &[1]).unwrap(), 2);
+        assert_eq!(s.sample(&[-1.0, -1.2, -3.0], &[0]).unwrap(), 1);
+        assert!(s.sample(&[0.0, f32::NAN], &[]).is_err());
     }
 
     #[test]
@@ -349,7 +377,9 @@ mod tests {
         };
         let draw = |cfg: Sampling| {
             let mut s = Sampler::new(cfg).unwrap();
-            (0..200).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| s.sample(&logits, &[]).unwrap())
+                .collect::<Vec<_>>()
         };
         let a = draw(cfg.clone());
         assert_eq!(a, draw(cfg.clone()), "same seed, same tokens");

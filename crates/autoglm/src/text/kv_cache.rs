@@ -37,11 +37,17 @@ impl KvCache {
     /// Appends `k`, `v` (new positions) to layer `i` and returns all keys and
     /// values of that layer.
     pub fn append(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let entry = match self.layers[i].take() {
+        let n = self.layers.len();
+        let slot = self.layers.get_mut(i).ok_or_else(|| {
+            crate::Error::Invalid(format!(
+                "KV cache has {n} layers, layer {i} asked for: a cache of another model?"
+            ))
+        })?;
+        let entry = match slot {
             None => (k.clone(), v.clone()),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, k], 2)?, Tensor::cat(&[&pv, v], 2)?),
+            Some((pk, pv)) => (Tensor::cat(&[&*pk, k], 2)?, Tensor::cat(&[&*pv, v], 2)?),
         };
-        self.layers[i] = Some(entry.clone());
+        *slot = Some(entry.clone());
         Ok(entry)
     }
 }

@@ -71,6 +71,16 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of text that already holds its special tokens (a rendered
+    /// chat template): nothing is added.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Encodes and right-pads a batch with `pad_id` to its longest row.
     pub fn batch(&self, texts: &[&str], pad_id: u32, device: &Device) -> Result<Batch> {
         if texts.is_empty() {
