@@ -10,6 +10,7 @@
 
 pub mod assistant;
 pub mod config;
+pub mod data;
 pub mod dual;
 pub mod error;
 pub mod fusion;

@@ -7,3 +7,4 @@ pub mod generate;
 pub mod kv_cache;
 pub mod llama;
 pub mod tokenizer;
+pub mod train_tokenizer;
