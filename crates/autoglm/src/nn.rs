@@ -97,3 +97,61 @@ pub fn linear(input: usize, output: usize, vb: VarBuilder) -> Result<Linear> {
 pub fn linear_no_bias(input: usize, output: usize, vb: VarBuilder) -> Result<Linear> {
     Linear::new_no_bias(vb, input, output)
 }
+
+/// LayerNorm (`weight`, `bias`): candle's fused kernel for inference, a
+/// differentiable composition when gradients are needed (the fused kernel
+/// has no backward; DESIGN.md §2).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    Ok(LayerNorm {
+        weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
+        bias: vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?,
+        eps,
+    })
+}
+
+impl candle_nn::Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !crate::ops::needs_grad(&[x, &self.weight, &self.bias]) && x.is_contiguous() {
+            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
+        let h = x.dim(candle_core::D::Minus1)? as f64;
+        let mean = (x.sum_keepdim(candle_core::D::Minus1)? / h)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(candle_core::D::Minus1)? / h)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// RMSNorm (`weight`): fused for inference, differentiable when needed.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+pub fn rms_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<RmsNorm> {
+    Ok(RmsNorm {
+        weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
+        eps,
+    })
+}
+
+impl candle_nn::Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !crate::ops::needs_grad(&[x, &self.weight]) && x.is_contiguous() {
+            return candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32);
+        }
+        let h = x.dim(candle_core::D::Minus1)? as f64;
+        let ms = (x.sqr()?.sum_keepdim(candle_core::D::Minus1)? / h)?;
+        x.broadcast_div(&(ms + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight)
+    }
+}

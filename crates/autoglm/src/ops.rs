@@ -149,12 +149,43 @@ impl CustomOp2 for BiasAct {
     }
 }
 
+/// Whether any of `ts` takes part in a gradient computation (a variable, or
+/// computed from one). The fused kernels here have no backward pass, so
+/// such inputs take candle's differentiable ops instead.
+pub fn needs_grad(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
+/// Softmax over the last dim: fused for inference, differentiable when
+/// gradients are needed.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if needs_grad(&[x]) {
+        return Ok(candle_nn::ops::softmax(x, candle_core::D::Minus1)?);
+    }
+    Ok(candle_nn::ops::softmax_last_dim(x)?)
+}
+
+/// Rotary embedding of `x` (B, H, T, D) with `cos`/`sin` (B, T, D/2),
+/// HF's rotate-half layout: fused for inference, differentiable when needed.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !needs_grad(&[x, cos, sin]) {
+        return Ok(candle_nn::rotary_emb::rope(x, cos, sin)?);
+    }
+    let d = x.dim(candle_core::D::Minus1)?;
+    let cos = Tensor::cat(&[cos, cos], candle_core::D::Minus1)?.unsqueeze(1)?; // (B, 1, T, D)
+    let sin = Tensor::cat(&[sin, sin], candle_core::D::Minus1)?.unsqueeze(1)?;
+    let x1 = x.narrow(candle_core::D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(candle_core::D::Minus1, d / 2, d - d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], candle_core::D::Minus1)?;
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+}
+
 /// `act(x + bias)`, with `bias` broadcast over the last dim of `x`.
 ///
 /// # Shapes
 /// `x`: (…, C), `bias`: (C) → (…, C)
 pub fn bias_act(x: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && !needs_grad(&[x, bias]) {
         return Ok(x
             .contiguous()?
             .apply_op2_no_bwd(&bias.contiguous()?, &BiasAct(act))?);
@@ -162,7 +193,7 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
     let y = x.broadcast_add(bias)?;
     Ok(match act {
         Act::None => y,
-        Act::Relu6 => y.clamp(0f32, 6f32)?,
+        Act::Relu6 => y.relu()?.minimum(6f32)?,
         Act::GeluErf => y.gelu_erf()?,
     })
 }
@@ -231,7 +262,8 @@ unsafe fn silu_mul_avx2(o: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]) {
 
 /// `silu(gate) · up`, the SwiGLU activation, in one parallel pass.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.device().is_cpu() && gate.dtype() == candle_core::DType::F32 {
+    if gate.device().is_cpu() && gate.dtype() == candle_core::DType::F32 && !needs_grad(&[gate, up])
+    {
         return Ok(gate
             .contiguous()?
             .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?);

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Module, VarBuilder};
+use candle_nn::{embedding, Embedding, Module, VarBuilder};
+
+use crate::nn::{layer_norm, LayerNorm};
 
 use crate::config::{Activation, BertConfig};
 use crate::io::weights::Safetensors;
@@ -111,7 +113,7 @@ impl Layer {
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?; // (B, nh, T, T)
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = crate::ops::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         let x = self
             .attn_norm
@@ -143,7 +145,7 @@ impl Layer {
                     .contiguous()?)
             };
             let (q, k, v) = (split(&q)?, split(&k)?, split(&v)?);
-            let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?; // (m, nh, L, L)
+            let probs = crate::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?; // (m, nh, L, L)
             ctx.push(probs.matmul(&v)?.transpose(1, 2)?.reshape((m * l, h))?);
         }
         let ctx = Tensor::cat(&ctx, 0)?;

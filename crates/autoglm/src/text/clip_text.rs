@@ -2,7 +2,9 @@
 //! a causal pre-LN encoder, a final LayerNorm and EOS pooling.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Module, VarBuilder};
+use candle_nn::{embedding, Embedding, Module, VarBuilder};
+
+use crate::nn::{layer_norm, LayerNorm};
 
 use crate::config::ClipTextConfig;
 use crate::vision::vit::{Encoder, EncoderSpec};

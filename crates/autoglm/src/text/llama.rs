@@ -10,7 +10,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{embedding, rms_norm, Embedding, Module, RmsNorm, VarBuilder};
+use candle_nn::{embedding, Embedding, Module, VarBuilder};
+
+use crate::nn::{rms_norm, RmsNorm};
 
 use crate::config::LlamaConfig;
 use crate::io::weights::Safetensors;
@@ -95,8 +97,8 @@ impl Attention {
         let q = split(self.q.forward(x)?, self.heads)?;
         let k = split(self.k.forward(x)?, self.kv_heads)?;
         let v = split(self.v.forward(x)?, self.kv_heads)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let q = crate::ops::rope(&q, cos, sin)?;
+        let k = crate::ops::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let s = k.dim(2)?;
         // Grouped-query attention: each kv head serves heads / kv_heads queries.
@@ -111,7 +113,7 @@ impl Attention {
         };
         let (k, v) = (expand(&k)?, expand(&v)?);
         let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.broadcast_add(bias)?; // (B, nh, T, S)
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = crate::ops::softmax_last_dim(&scores)?;
         let ctx =
             probs
                 .matmul(&v.contiguous()?)?

@@ -6,7 +6,9 @@
 //! `CLIPVisionTransformer`).
 
 use candle_core::Tensor;
-use candle_nn::{layer_norm, LayerNorm, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use crate::nn::{layer_norm, LayerNorm};
 
 use crate::config::{Activation, ClipVisionConfig};
 use crate::nn::{linear, Linear};
@@ -50,7 +52,7 @@ impl SelfAttention {
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = crate::ops::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         self.out.forward(&ctx)
     }

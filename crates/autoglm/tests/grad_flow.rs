@@ -1,0 +1,161 @@
+//! Training prerequisites: with variables (a `VarMap`), the VLM runs on
+//! differentiable ops, computes the same function as the fused inference
+//! path, and every trainable tensor receives a non-zero, correct gradient.
+//! (candle's fused softmax/norm/RoPE and our fused kernels have no backward:
+//! gradients would stop there silently.)
+
+mod common;
+
+use autoglm::config::LlavaConfig;
+use autoglm::vlm::Llava;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use common::max_abs_diff;
+
+fn tiny_config() -> LlavaConfig {
+    serde_json::from_value(serde_json::json!({
+        "image_token_index": 3, "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+        "projector_type": "mlp",
+        "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                          "num_attention_heads": 2, "image_size": 16, "patch_size": 8, "hidden_act": "gelu"},
+        "text_config": {"model_type": "qwen2", "vocab_size": 40, "hidden_size": 24, "intermediate_size": 40,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "max_position_embeddings": 64, "rope_parameters": {"rope_type": "linear", "factor": 2.0},
+                        "tie_word_embeddings": false}
+    }))
+    .unwrap()
+}
+
+fn setup() -> (VarMap, Llava, Vec<u32>, Tensor) {
+    let cfg = tiny_config();
+    let vm = VarMap::new();
+    let m = Llava::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg).unwrap();
+    // Random values everywhere, so that no gradient is zero by accident.
+    for v in vm.all_vars() {
+        let t =
+            (Tensor::randn(0f32, 0.3, v.shape(), &Device::Cpu).unwrap() + v.as_tensor()).unwrap();
+        v.set(&t).unwrap();
+    }
+    let ids = m
+        .expand_image_tokens(&[1, 3, 7, 8, 9, 10, 11, 3, 12, 2], 2)
+        .unwrap();
+    let pixels = Tensor::randn(0f32, 1.0, (2, 3, 16, 16), &Device::Cpu).unwrap();
+    (vm, m, ids, pixels)
+}
+
+/// Next-token cross-entropy over the prompt.
+fn loss(m: &Llava, ids: &[u32], pixels: &Tensor) -> Tensor {
+    let logits = m
+        .forward(ids, Some(pixels), &mut m.lm.new_cache())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let t = ids.len();
+    let targets = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
+    candle_nn::loss::cross_entropy(&logits.narrow(0, 0, t - 1).unwrap(), &targets).unwrap()
+}
+
+#[test]
+fn every_trainable_tensor_gets_a_gradient() {
+    let (vm, m, ids, pixels) = setup();
+    let grads = loss(&m, &ids, &pixels).backward().unwrap();
+    let data = vm.data().lock().unwrap();
+    let mut missing = Vec::new();
+    for (name, var) in data.iter() {
+        // The pooled-output norm is not on LLaVA's path (HF's isn't either).
+        if name.contains("post_layernorm") {
+            continue;
+        }
+        let ok = grads
+            .get(var.as_tensor())
+            .map(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
+            })
+            .unwrap_or(false);
+        if !ok {
+            missing.push(name.clone());
+        }
+    }
+    assert!(data.len() > 40);
+    assert!(missing.is_empty(), "no gradient for {missing:?}");
+}
+
+#[test]
+fn training_path_computes_the_inference_function() {
+    let (vm, m, ids, pixels) = setup();
+    let train_logits = m
+        .forward(&ids, Some(&pixels), &mut m.lm.new_cache())
+        .unwrap();
+    // The same weights as plain tensors take the fused inference kernels.
+    let dir = tempfile::tempdir().unwrap();
+    vm.save(dir.path().join("model.safetensors")).unwrap();
+    let vb = autoglm::io::weights::Safetensors::open_dir(dir.path())
+        .unwrap()
+        .var_builder(DType::F32, &Device::Cpu);
+    let inf = Llava::new(vb, &tiny_config()).unwrap();
+    let inf_logits = inf
+        .forward(&ids, Some(&pixels), &mut inf.lm.new_cache())
+        .unwrap();
+    let d = max_abs_diff(&train_logits.detach(), &inf_logits);
+    assert!(d < 1e-4, "train vs inference logits: {d}");
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let (vm, m, ids, pixels) = setup();
+    let grads = loss(&m, &ids, &pixels).backward().unwrap();
+    let data = vm.data().lock().unwrap();
+    // One element in each kind of layer, through RoPE, GQA, norms, projector.
+    let names = [
+        "language_model.model.layers.1.self_attn.q_proj.weight",
+        "language_model.model.layers.0.self_attn.k_proj.bias",
+        "language_model.model.layers.0.input_layernorm.weight",
+        "language_model.model.layers.1.mlp.gate_proj.weight",
+        "multi_modal_projector.linear_1.bias",
+        "vision_tower.encoder.layers.0.layer_norm1.weight",
+        "vision_tower.embeddings.patch_embedding.weight",
+    ];
+    for name in names {
+        let var: &Var = data
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not a variable"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let i = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let eval = |delta: f32| {
+            let mut v = base.clone();
+            v[i] += delta;
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss(&m, &ids, &pixels).to_scalar::<f32>().unwrap()
+        };
+        let h = 1e-2;
+        let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+        eval(0.0);
+        let rel = (numeric - g[i]).abs() / g[i].abs().max(1e-3);
+        assert!(
+            rel < 0.05,
+            "{name}[{i}]: analytic {} vs numeric {numeric}",
+            g[i]
+        );
+    }
+}
