@@ -18,6 +18,7 @@ pub mod io;
 pub mod nn;
 pub mod ops;
 pub mod text;
+pub mod train;
 pub mod vision;
 pub mod vlm;
 

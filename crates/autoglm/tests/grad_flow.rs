@@ -46,8 +46,15 @@ fn setup() -> (VarMap, Llava, Vec<u32>, Tensor) {
         names.sort();
         for n in names {
             let v = &data[n];
-            v.set(&(noise(v.shape(), 0.5) + v.as_tensor()).unwrap())
-                .unwrap();
+            // Replace candle's random init (drawn from a global generator);
+            // norm gains around 1 so that signals are not damped.
+            let t = noise(v.shape(), 0.5);
+            let t = if n.contains("norm") {
+                (t + 1.0).unwrap()
+            } else {
+                t
+            };
+            v.set(&t).unwrap();
         }
     }
     let ids = m

@@ -1,0 +1,16 @@
+//! Training: AdamW with weight decay only on matrices, linear warmup +
+//! cosine schedule, global-norm gradient clipping, gradient accumulation,
+//! and checkpoints that survive a crash.
+//!
+//! The randomness of step `s` is derived from `(seed, s)` and the data order
+//! of an epoch from `(seed, epoch)` (see [`crate::data::loader`]), so a
+//! checkpoint needs no generator state: resuming at step `s` replays exactly
+//! what an uninterrupted run would have done.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod schedule;
+
+pub use checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
+pub use schedule::Schedule;

@@ -1,0 +1,274 @@
+//! The trainer's parts: AdamW against torch.optim.AdamW, resume equivalence
+//! (N steps + checkpoint + resume + N steps = 2N steps), and a checkpoint
+//! that survives SIGKILL in the middle of writing.
+
+mod common;
+
+use std::collections::HashMap;
+
+use autoglm::config::LlavaConfig;
+use autoglm::train::{
+    clip_grad_norm, load_checkpoint, save_checkpoint, AdamW, AdamWConfig, Checkpoint, Schedule,
+};
+use autoglm::vlm::Llava;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use common::fixtures;
+use rand::{Rng, SeedableRng};
+
+#[test]
+fn adamw_matches_torch() {
+    let f: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("adamw.json")).unwrap())
+            .unwrap();
+    let mat = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| match r {
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect::<Vec<_>>(),
+                x => vec![x.as_f64().unwrap() as f32],
+            })
+            .collect()
+    };
+    let dev = Device::Cpu;
+    let w =
+        Var::from_tensor(&Tensor::from_vec(mat(&f["start"]["w"]), (3, 4), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::from_vec(mat(&f["start"]["b"]), 4, &dev).unwrap()).unwrap();
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let mut opt = AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], cfg).unwrap();
+    assert_eq!(opt.decayed(), vec!["w"], "only matrices are decayed");
+    for s in f["steps"].as_array().unwrap() {
+        // A loss whose gradients are exactly the given ones: Σ g·p.
+        let gw = Tensor::from_vec(mat(&s["gw"]), (3, 4), &dev).unwrap();
+        let gb = Tensor::from_vec(mat(&s["gb"]), 4, &dev).unwrap();
+        let loss = ((w.as_tensor() * &gw).unwrap().sum_all().unwrap()
+            + (b.as_tensor() * &gb).unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        opt.step(&grads, s["lr"].as_f64().unwrap()).unwrap();
+        let dw: f32 = w
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .zip(mat(&s["w"]))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        let db: f32 = b
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .zip(mat(&s["b"]))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(dw < 1e-6 && db < 1e-6, "step {}: {dw} {db}", opt.step);
+    }
+}
+
+fn tiny() -> LlavaConfig {
+    serde_json::from_value(serde_json::json!({
+        "image_token_index": 3, "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+        "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+        "text_config": {"vocab_size": 30, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "max_position_embeddings": 64}
+    }))
+    .unwrap()
+}
+
+/// A model whose initial weights depend only on `seed`.
+fn model(seed: u64) -> (VarMap, Llava) {
+    let vm = VarMap::new();
+    let m = Llava::new(
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        &tiny(),
+    )
+    .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let data = vm.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for n in names {
+        let v = &data[n];
+        // Replace candle's random init (drawn from a global generator).
+        let noise: Vec<f32> = (0..v.elem_count())
+            .map(|_| rng.random::<f32>() * 0.4 - 0.2)
+            .collect();
+        v.set(&Tensor::from_vec(noise, v.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    drop(data);
+    (vm, m)
+}
+
+fn named_vars(vm: &VarMap) -> Vec<(String, Var)> {
+    let data = vm.data().lock().unwrap();
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Training steps `from..to`: the batch of step `s` depends only on `s`.
+fn run(m: &Llava, vm: &VarMap, opt: &mut AdamW, sched: &Schedule, from: usize, to: usize) {
+    let vars: Vec<Var> = named_vars(vm).into_iter().map(|(_, v)| v).collect();
+    for s in from..to {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + s as u64);
+        let mut ids = vec![1u32, 3];
+        ids.extend((0..6).map(|_| rng.random_range(4..30u32)));
+        let ids = m.expand_image_tokens(&ids, 1).unwrap();
+        let px: Vec<f32> = (0..3 * 16 * 16).map(|_| rng.random::<f32>()).collect();
+        let pixels = Tensor::from_vec(px, (1, 3, 16, 16), &Device::Cpu).unwrap();
+        let logits = m
+            .forward(&ids, Some(&pixels), &mut m.lm.new_cache())
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let t = ids.len();
+        let targets = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
+        let loss =
+            candle_nn::loss::cross_entropy(&logits.narrow(0, 0, t - 1).unwrap(), &targets).unwrap();
+        let mut grads = loss.backward().unwrap();
+        clip_grad_norm(&mut grads, &vars, 1.0).unwrap();
+        opt.step(&grads, sched.lr(s)).unwrap();
+    }
+}
+
+fn weights(vm: &VarMap) -> HashMap<String, Tensor> {
+    named_vars(vm)
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect()
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let sched = Schedule {
+        peak_lr: 3e-3,
+        warmup_steps: 2,
+        total_steps: 8,
+        final_fraction: 0.1,
+    };
+    let (vm_a, a) = model(5);
+    let mut opt_a = AdamW::new(named_vars(&vm_a), AdamWConfig::default()).unwrap();
+    run(&a, &vm_a, &mut opt_a, &sched, 0, 8);
+
+    let (vm_b, b) = model(5);
+    let mut opt_b = AdamW::new(named_vars(&vm_b), AdamWConfig::default()).unwrap();
+    run(&b, &vm_b, &mut opt_b, &sched, 0, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checkpoint.safetensors");
+    let meta = Checkpoint {
+        step: 4,
+        config: serde_json::json!({"schedule": sched}),
+    };
+    save_checkpoint(&path, &weights(&vm_b), &opt_b.state(), &meta).unwrap();
+
+    // A fresh process would start from other weights: resume overwrites them.
+    let (vm_c, c) = model(99);
+    let (w, state, got) = load_checkpoint(&path, &Device::Cpu).unwrap();
+    assert_eq!(got, meta);
+    for (name, var) in named_vars(&vm_c) {
+        var.set(&w[&name]).unwrap();
+    }
+    let mut opt_c = AdamW::new(named_vars(&vm_c), AdamWConfig::default()).unwrap();
+    opt_c.load_state(&state, got.step).unwrap();
+    run(&c, &vm_c, &mut opt_c, &sched, 4, 8);
+
+    let (wa, wc) = (weights(&vm_a), weights(&vm_c));
+    let mut worst = 0f32;
+    for (k, ta) in &wa {
+        let d = (ta - &wc[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        worst = worst.max(d);
+    }
+    assert!(
+        worst < 1e-6,
+        "resumed weights differ from the straight run by {worst}"
+    );
+    // And training did change the weights.
+    let (vm0, _) = model(5);
+    let moved = (&wa["language_model.lm_head.weight"]
+        - &weights(&vm0)["language_model.lm_head.weight"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 1e-4);
+}
+
+/// Run by `checkpoint_survives_sigkill` in a child process: writes
+/// checkpoints of growing step in a loop until killed.
+#[test]
+#[ignore = "helper process for checkpoint_survives_sigkill"]
+fn checkpoint_writer_helper() {
+    let Ok(path) = std::env::var("AUTOGLM_CKPT_PATH") else {
+        return;
+    };
+    let big = Tensor::ones((1024, 1024), DType::F32, &Device::Cpu).unwrap();
+    for step in 1.. {
+        let w = HashMap::from([("w".to_string(), (&big * step as f64).unwrap())]);
+        let meta = Checkpoint {
+            step,
+            config: serde_json::json!({}),
+        };
+        save_checkpoint(std::path::Path::new(&path), &w, &Default::default(), &meta).unwrap();
+    }
+}
+
+#[test]
+fn checkpoint_survives_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt.safetensors");
+    for delay_ms in [150u64, 400, 700] {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "checkpoint_writer_helper",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("AUTOGLM_CKPT_PATH", &path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL on Unix
+        child.wait().unwrap();
+        if !path.exists() {
+            continue; // killed before the first rename
+        }
+        let (w, _, meta) = load_checkpoint(&path, &Device::Cpu).unwrap();
+        let v = w["w"].max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(v, meta.step as f32, "weights and step from the same write");
+    }
+    assert!(path.exists(), "the writer never completed a checkpoint");
+    // A torn file is refused with a clear error, not loaded.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_checkpoint(&path, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("checkpoint") || e.contains("safetensors"), "{e}");
+}
