@@ -74,12 +74,12 @@ pub fn save_checkpoint(
     Ok(())
 }
 
+/// Named tensors.
+pub type Tensors = HashMap<String, Tensor>;
+
 /// Reads a checkpoint: (model weights without the `model.` prefix, optimizer
 /// state, metadata).
-pub fn load_checkpoint(
-    path: &Path,
-    device: &Device,
-) -> Result<(HashMap<String, Tensor>, HashMap<String, Tensor>, Checkpoint)> {
+pub fn load_checkpoint(path: &Path, device: &Device) -> Result<(Tensors, Tensors, Checkpoint)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bad = |msg: String| Error::Weights {
         path: path.to_path_buf(),
