@@ -10,7 +10,9 @@
 pub mod checkpoint;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;
 
 pub use checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use schedule::Schedule;
+pub use trainer::{Metrics, TrainConfig, Trainer};

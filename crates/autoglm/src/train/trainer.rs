@@ -1,0 +1,220 @@
+//! The training loop, written out: forward, loss, backward, clip, step,
+//! schedule — with gradient accumulation, frozen parameters by name prefix,
+//! evaluation every N steps, metrics as JSON lines, and a crash-safe
+//! checkpoint every N steps from which `resume` continues exactly.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
+
+use super::{
+    clip_grad_norm, load_checkpoint, save_checkpoint, AdamW, AdamWConfig, Checkpoint, Schedule,
+};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Micro-batches whose gradients are summed (averaged) per step.
+    pub grad_accum: usize,
+    pub schedule: Schedule,
+    pub adamw: AdamWConfig,
+    /// Global gradient-norm limit (0 = no clipping).
+    pub clip_norm: f64,
+    /// Parameters whose names start with one of these are frozen.
+    pub freeze: Vec<String>,
+    pub eval_every: usize,
+    pub checkpoint_every: usize,
+    pub seed: u64,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Metrics {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Evaluation results, on evaluation steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<serde_json::Value>,
+    pub seconds: f64,
+}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    vars: Vec<(String, Var)>,
+    opt: AdamW,
+    out: PathBuf,
+    /// The next step to run (after `resume`, the checkpoint's step).
+    pub step: usize,
+}
+
+impl Trainer {
+    /// Trains the variables of `varmap` whose names are not frozen; writes
+    /// into `out` (created): `metrics.jsonl`, `checkpoint.safetensors`.
+    pub fn new(varmap: &VarMap, config: TrainConfig, out: &Path) -> Result<Self> {
+        if config.grad_accum == 0 || config.steps == 0 {
+            return Err(Error::Invalid(
+                "steps and grad_accum must be positive".into(),
+            ));
+        }
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let mut vars: Vec<(String, Var)> = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Invalid("variable map poisoned".into()))?
+            .iter()
+            .filter(|(n, _)| !config.freeze.iter().any(|p| n.starts_with(p.as_str())))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        if vars.is_empty() {
+            return Err(Error::Invalid(
+                "every parameter is frozen: nothing to train".into(),
+            ));
+        }
+        let opt = AdamW::new(vars.clone(), config.adamw)?;
+        Ok(Self {
+            config,
+            vars,
+            opt,
+            out: out.to_path_buf(),
+            step: 0,
+        })
+    }
+
+    pub fn trainable(&self) -> usize {
+        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.out.join("checkpoint.safetensors")
+    }
+
+    /// Continues from `out/checkpoint.safetensors` if there is one; returns
+    /// whether it did.
+    pub fn resume(&mut self, varmap: &VarMap) -> Result<bool> {
+        let path = self.checkpoint_path();
+        if !path.exists() {
+            return Ok(false);
+        }
+        let (weights, state, meta) = load_checkpoint(&path, &candle_core::Device::Cpu)?;
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Invalid("variable map poisoned".into()))?;
+        for (name, var) in data.iter() {
+            let w = weights.get(name).ok_or_else(|| {
+                Error::Invalid(format!("checkpoint {} lacks `{name}`", path.display()))
+            })?;
+            var.set(&w.to_device(var.device())?)?;
+        }
+        self.opt.load_state(&state, meta.step)?;
+        self.step = meta.step;
+        Ok(true)
+    }
+
+    fn save(&self, varmap: &VarMap) -> Result<()> {
+        let weights: HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Invalid("variable map poisoned".into()))?
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let meta = Checkpoint {
+            step: self.step,
+            config: serde_json::to_value(&self.config).unwrap_or_default(),
+        };
+        save_checkpoint(&self.checkpoint_path(), &weights, &self.opt.state(), &meta)
+    }
+
+    /// Runs until `config.steps`. `loss(step, micro)` returns the loss of
+    /// micro-batch `micro` of `step` (its data must depend only on those, so
+    /// that resuming replays the same batches); `eval(step)` runs every
+    /// `eval_every` steps and at the end.
+    pub fn run(
+        &mut self,
+        varmap: &VarMap,
+        loss: &mut dyn FnMut(usize, usize) -> Result<Tensor>,
+        eval: &mut dyn FnMut(usize) -> Result<serde_json::Value>,
+        on_step: &mut dyn FnMut(&Metrics),
+    ) -> Result<()> {
+        let path = self.out.join("metrics.jsonl");
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let start = std::time::Instant::now();
+        let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
+        while self.step < self.config.steps {
+            let s = self.step;
+            let accum = self.config.grad_accum;
+            // Forward and backward over the micro-batches, summing gradients.
+            let mut total: Option<GradStore> = None;
+            let mut loss_sum = 0.0;
+            for micro in 0..accum {
+                let l = loss(s, micro)?;
+                loss_sum += l.to_scalar::<f32>()? as f64;
+                let g = (l / accum as f64)?.backward()?;
+                total = Some(match total {
+                    None => g,
+                    Some(mut acc) => {
+                        for v in &vars {
+                            if let Some(gv) = g.get(v.as_tensor()) {
+                                let sum = match acc.get(v.as_tensor()) {
+                                    Some(a) => (a + gv)?,
+                                    None => gv.clone(),
+                                };
+                                acc.insert(v.as_tensor(), sum);
+                            }
+                        }
+                        acc
+                    }
+                });
+            }
+            let mut grads = total.expect("grad_accum ≥ 1");
+            let grad_norm = if self.config.clip_norm > 0.0 {
+                clip_grad_norm(&mut grads, &vars, self.config.clip_norm)?
+            } else {
+                0.0
+            };
+            let lr = self.config.schedule.lr(s);
+            self.opt.step(&grads, lr)?;
+            self.step += 1;
+            let done = self.step == self.config.steps;
+            let eval_now =
+                done || (self.config.eval_every > 0 && self.step % self.config.eval_every == 0);
+            let m = Metrics {
+                step: self.step,
+                loss: loss_sum / accum as f64,
+                lr,
+                grad_norm,
+                eval: if eval_now {
+                    Some(eval(self.step)?)
+                } else {
+                    None
+                },
+                seconds: start.elapsed().as_secs_f64(),
+            };
+            writeln!(log, "{}", serde_json::to_string(&m).unwrap_or_default())
+                .map_err(|e| Error::io(&path, e))?;
+            on_step(&m);
+            if done
+                || (self.config.checkpoint_every > 0
+                    && self.step % self.config.checkpoint_every == 0)
+            {
+                log.flush().map_err(|e| Error::io(&path, e))?;
+                self.save(varmap)?;
+            }
+        }
+        Ok(())
+    }
+}
