@@ -8,6 +8,7 @@ mod ask;
 mod bench;
 mod bench_lm;
 mod commands;
+mod train_cmd;
 
 use std::process::ExitCode;
 
@@ -58,6 +59,10 @@ enum Command {
     Ask(ask::AskArgs),
     /// Describe an image with a vision-language model.
     Caption(ask::CaptionArgs),
+    /// Train a VLM for visual question answering (easy-VQA or JSON lines).
+    Train(train_cmd::TrainArgs),
+    /// Exact-match accuracy of a VLM on VQA examples.
+    Eval(train_cmd::EvalArgs),
     /// Zero-shot classification of images against free-text labels with a CLIP model.
     ZeroShot(commands::ZeroShotArgs),
     /// Benchmarks (speed against PyTorch on the same inputs and threads).
@@ -134,6 +139,8 @@ fn main() -> ExitCode {
         Command::Classify(a) => commands::classify(g, a),
         Command::ZeroShot(a) => commands::zero_shot(g, a),
         Command::Ask(a) => ask::ask(g, a),
+        Command::Train(a) => train_cmd::train(g, a),
+        Command::Eval(a) => train_cmd::eval(g, a),
         Command::Caption(a) => ask::caption(g, a),
         Command::Bench {
             command: BenchCommand::Encoders(a),

@@ -324,3 +324,24 @@ fn ask_bad_inputs() {
     ]);
     assert!(e.contains("top_p"), "{e}");
 }
+
+#[test]
+fn train_and_eval_bad_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg.json");
+    std::fs::write(
+        &cfg,
+        r#"{"data": {"kind": "easy-vqa"}, "image_size": "big"}"#,
+    )
+    .unwrap();
+    let e = fails(&[
+        "train",
+        "--config",
+        &cfg.display().to_string(),
+        "--out",
+        &dir.path().join("m").display().to_string(),
+    ]);
+    assert!(e.contains("not a valid training config"), "{e}");
+    let e = fails(&["eval", "--model", "/nonexistent/model", "--limit", "1"]);
+    assert!(e.contains("/nonexistent/model"), "{e}");
+}

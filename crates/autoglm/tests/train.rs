@@ -402,3 +402,51 @@ fn trainer_smoke_on_easy_vqa() {
         "frozen weights moved"
     );
 }
+
+/// `train_vqa` end to end on a few real easy-VQA examples: the output
+/// directory is a model `ask` and `evaluate` load, the loss falls, and the
+/// run resumes from its checkpoint.
+#[test]
+fn vqa_training_writes_a_usable_model() {
+    use autoglm::train::vqa::{evaluate, load_data, train_vqa, DataSource, VqaTrainConfig};
+    let cfg = |steps| VqaTrainConfig {
+        data: DataSource::EasyVqa,
+        max_train_examples: 64,
+        image_size: 16,
+        patch_size: 8,
+        vision_hidden: 16,
+        vision_layers: 1,
+        vision_heads: 2,
+        projector: "mlp".into(),
+        text_hidden: 32,
+        text_layers: 1,
+        text_heads: 2,
+        text_kv_heads: 1,
+        vocab_size: 200,
+        steps,
+        batch_size: 4,
+        peak_lr: 3e-3,
+        warmup_steps: 2,
+        clip_norm: 1.0,
+        seed: 1,
+        eval_every: 0,
+        checkpoint_every: 10,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut losses = Vec::new();
+    train_vqa(&cfg(10), dir.path(), false, &mut |m| losses.push(m.loss)).unwrap();
+    train_vqa(&cfg(30), dir.path(), true, &mut |m| losses.push(m.loss)).unwrap();
+    assert_eq!(losses.len(), 30, "the resumed run continued at step 10");
+    let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = losses[25..].iter().sum::<f64>() / 5.0;
+    assert!(last < 0.7 * first, "loss {first:.3} → {last:.3}");
+    let test: Vec<_> = load_data(&DataSource::EasyVqa, "test")
+        .unwrap()
+        .into_iter()
+        .take(12)
+        .collect();
+    let r = evaluate(dir.path(), &test, &Device::Cpu).unwrap();
+    assert_eq!(r.examples, 12);
+    assert!((0.0..=1.0).contains(&r.accuracy));
+    assert_eq!(r.per_type.values().map(|(n, _)| n).sum::<usize>(), 12);
+}

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;
+pub mod vqa;
 
 pub use checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
