@@ -62,7 +62,11 @@ impl Linear {
     /// `act(x·Wᵀ + b)`.
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let input = *dims.last().expect("rank ≥ 1");
+        let Some(&input) = dims.last() else {
+            return Err(crate::Error::Invalid(
+                "a dense layer needs an input of rank ≥ 1".into(),
+            ));
+        };
         let rows = x.elem_count() / input.max(1);
         let y = x.reshape((rows, input))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
@@ -74,7 +78,9 @@ impl Linear {
             }
         };
         let mut out = dims;
-        *out.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
+        if let Some(last) = out.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
         Ok(y.reshape(out)?)
     }
 }
