@@ -281,19 +281,7 @@ impl LlavaConfig {
     pub fn validate(&self, path: &Path) -> Result<()> {
         self.text_config.validate(path)?;
         let v = &self.vision_config;
-        check_heads(
-            path,
-            "vision_config",
-            v.hidden_size,
-            v.num_attention_heads,
-            v.num_hidden_layers,
-        )?;
-        if v.patch_size == 0 || v.image_size < v.patch_size {
-            return Err(invalid(
-                path,
-                "vision_config: image_size must be at least patch_size".into(),
-            ));
-        }
+        v.validate(path)?;
         let layers = v.num_hidden_layers as i64;
         if self.vision_feature_layer < -(layers + 1) || self.vision_feature_layer > layers {
             return Err(invalid(

@@ -189,6 +189,29 @@ impl Default for ClipVisionConfig {
     }
 }
 
+impl ClipVisionConfig {
+    /// Checks the head layout and that the image holds at least one patch.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        check_heads(
+            path,
+            "vision_config",
+            self.hidden_size,
+            self.num_attention_heads,
+            self.num_hidden_layers,
+        )?;
+        if self.patch_size == 0 || self.image_size < self.patch_size {
+            return Err(invalid(
+                path,
+                format!(
+                    "vision_config: image_size {} must be at least patch_size {} (and patch_size positive)",
+                    self.image_size, self.patch_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// HF `CLIPConfig`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClipConfig {
@@ -224,23 +247,7 @@ impl ClipConfig {
             t.num_attention_heads,
             t.num_hidden_layers,
         )?;
-        let v = &self.vision_config;
-        check_heads(
-            path,
-            "vision_config",
-            v.hidden_size,
-            v.num_attention_heads,
-            v.num_hidden_layers,
-        )?;
-        if v.patch_size == 0 || v.image_size < v.patch_size {
-            return Err(invalid(
-                path,
-                format!(
-                    "vision_config: image_size {} must be at least patch_size {} (and patch_size positive)",
-                    v.image_size, v.patch_size
-                ),
-            ));
-        }
+        self.vision_config.validate(path)?;
         if self.projection_dim == 0 || t.max_position_embeddings == 0 {
             return Err(invalid(
                 path,
