@@ -107,6 +107,22 @@ fn avx2_available() -> bool {
     }
 }
 
+/// The data of two contiguous f32 CPU tensors, for the kernels below.
+fn f32_pair<'a>(
+    op: &str,
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<(&'a [f32], &'a [f32])> {
+    match (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets()) {
+        (CpuStorage::F32(a), Some((a0, a1)), CpuStorage::F32(b), Some((b0, b1))) => {
+            Ok((&a[a0..a1], &b[b0..b1]))
+        }
+        _ => candle_core::bail!("{op}: needs contiguous f32 tensors"),
+    }
+}
+
 struct BiasAct(Act);
 
 impl CustomOp2 for BiasAct {
@@ -121,12 +137,7 @@ impl CustomOp2 for BiasAct {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, b) = match (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets()) {
-            (CpuStorage::F32(x), Some((xs, xe)), CpuStorage::F32(b), Some((bs, be))) => {
-                (&x[xs..xe], &b[bs..be])
-            }
-            _ => candle_core::bail!("bias-act: needs contiguous f32 tensors"),
-        };
+        let (x, b) = f32_pair(self.name(), s1, l1, s2, l2)?;
         let c = b.len();
         if c == 0 || l1.dims().last() != Some(&c) {
             candle_core::bail!(
@@ -212,12 +223,7 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, u) = match (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets()) {
-            (CpuStorage::F32(g), Some((gs, ge)), CpuStorage::F32(u), Some((us, ue))) => {
-                (&g[gs..ge], &u[us..ue])
-            }
-            _ => candle_core::bail!("silu-mul: needs contiguous f32 tensors"),
-        };
+        let (g, u) = f32_pair(self.name(), s1, l1, s2, l2)?;
         if l1.shape() != l2.shape() {
             candle_core::bail!(
                 "silu-mul: shapes {:?} and {:?} differ",
