@@ -45,6 +45,57 @@ pub fn time_it(seconds: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(times[times.len() / 2])
 }
 
+/// Timing rounds per case; each round times our side, then PyTorch's.
+pub const ROUNDS: usize = 3;
+
+/// Medians over [`ROUNDS`] interleaved rounds, per case: seconds per call of
+/// ours and PyTorch's, and the median of the rounds' ratios (PyTorch's time
+/// over ours) — robust to a machine whose speed drifts between rounds.
+pub struct Interleaved {
+    pub ours: Vec<f64>,
+    pub torch: Vec<Option<f64>>,
+    pub ratio: Vec<Option<f64>>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Times case `i` of `keys` with `run_ours(i, seconds)` and, when given,
+/// `torch.time(keys[i], seconds)`, splitting `seconds` over the rounds.
+pub fn interleave(
+    keys: &[&str],
+    seconds: f64,
+    run_ours: impl Fn(usize, f64) -> Result<f64>,
+    mut torch: Option<&mut TorchServer>,
+) -> Result<Interleaved> {
+    let slice = seconds / ROUNDS as f64;
+    let mut ours = vec![[0f64; ROUNDS]; keys.len()];
+    let mut theirs = vec![[0f64; ROUNDS]; keys.len()];
+    for r in 0..ROUNDS {
+        for (i, key) in keys.iter().enumerate() {
+            ours[i][r] = run_ours(i, slice)?;
+            if let Some(t) = torch.as_deref_mut() {
+                theirs[i][r] = t.time(key, slice)?;
+            }
+        }
+    }
+    let has_torch = torch.is_some();
+    Ok(Interleaved {
+        ours: ours.iter().map(|r| median(r.to_vec())).collect(),
+        torch: theirs
+            .iter()
+            .map(|r| has_torch.then(|| median(r.to_vec())))
+            .collect(),
+        ratio: (0..keys.len())
+            .map(|i| {
+                has_torch.then(|| median((0..ROUNDS).map(|r| theirs[i][r] / ours[i][r]).collect()))
+            })
+            .collect(),
+    })
+}
+
 /// f32 GEMM GFLOP/s of candle on this machine (1024³, median).
 pub fn gemm_peak(seconds: f64) -> Result<f64> {
     let n = 1024;
@@ -247,35 +298,9 @@ pub fn encoders(g: &Global, a: EncodersArgs) -> Result<()> {
             )?)
         }
     };
-    const ROUNDS: usize = 3;
-    let slice = a.seconds / ROUNDS as f64;
-    let mut ours = [[0f64; ROUNDS]; 4];
-    let mut theirs = [[0f64; ROUNDS]; 4];
-    for r in 0..ROUNDS {
-        for i in 0..4 {
-            ours[i][r] = run_ours(i, slice)?;
-            if let Some(t) = torch_proc.as_mut() {
-                theirs[i][r] = t.time(keys[i], slice)?;
-            }
-        }
-    }
+    let timed = interleave(&keys, a.seconds, run_ours, torch_proc.as_mut())?;
     let torch = torch_proc.as_ref().map(|t| t.info.clone());
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let ours_s: Vec<f64> = ours.iter().map(|r| median(r.to_vec())).collect();
-    let torch_s: Vec<Option<f64>> = theirs
-        .iter()
-        .map(|r| torch.as_ref().map(|_| median(r.to_vec())))
-        .collect();
-    let ratios: Vec<Option<f64>> = (0..4)
-        .map(|i| {
-            torch
-                .as_ref()
-                .map(|_| median((0..ROUNDS).map(|r| theirs[i][r] / ours[i][r]).collect()))
-        })
-        .collect();
+    let (ours_s, torch_s, ratios) = (timed.ours, timed.torch, timed.ratio);
 
     let eff_gflop = 2.0 * eff.config.macs() as f64 / 1e9;
     let cfg = enc.config();

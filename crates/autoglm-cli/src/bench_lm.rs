@@ -19,7 +19,7 @@ use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
 use serde_json::json;
 
-use crate::bench::{time_it, TorchServer};
+use crate::bench::{interleave, time_it, TorchServer, ROUNDS};
 use crate::Global;
 
 #[derive(Args)]
@@ -210,36 +210,17 @@ pub fn lm(g: &Global, a: LmArgs) -> Result<()> {
             Some(TorchServer::spawn(py, &a.script, &args, dir.clone())?)
         }
     };
-    const ROUNDS: usize = 3;
     let keys = ["prefill", "decode", "ask"];
-    let slice = a.seconds / ROUNDS as f64;
-    let mut ours = [[0f64; ROUNDS]; 3];
-    let mut theirs = [[0f64; ROUNDS]; 3];
-    for r in 0..ROUNDS {
-        for i in 0..3 {
-            ours[i][r] = run_ours(i, slice)?;
-            if let Some(t) = torch.as_mut() {
-                theirs[i][r] = t.time(keys[i], slice)?;
-            }
-        }
-    }
+    let timed = interleave(&keys, a.seconds, run_ours, torch.as_mut())?;
     let info = torch.as_ref().map(|t| t.info.clone());
     drop(torch);
     let _ = std::fs::remove_dir_all(&dir);
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let bw = memory_bandwidth();
     let weight_bytes = (lm_params * 4) as f64;
     let bound = bw * 1e9 / weight_bytes; // tokens/s if decode only streamed the weights
     let rows: Vec<_> = (0..3)
         .map(|i| {
-            let o = median(ours[i].to_vec());
-            let t = info.as_ref().map(|_| median(theirs[i].to_vec()));
-            let ratio = info
-                .as_ref()
-                .map(|_| median((0..ROUNDS).map(|r| theirs[i][r] / ours[i][r]).collect()));
+            let (o, t, ratio) = (timed.ours[i], timed.torch[i], timed.ratio[i]);
             let (ours_v, torch_v, unit) = match i {
                 0 => (128.0 / o, t.map(|t| 128.0 / t), "prefill tokens/s"),
                 1 => (1.0 / o, t.map(|t| 1.0 / t), "decode tokens/s"),
