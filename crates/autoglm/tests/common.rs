@@ -43,3 +43,13 @@ pub fn cosine(a: &Tensor, b: &Tensor) -> f32 {
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     dot / (na * nb)
 }
+
+/// Token ids stored in a fixture tensor (any integer dtype), flattened.
+pub fn ids(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(candle_core::DType::U32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()
+}

@@ -12,15 +12,6 @@ use common::*;
 
 const MODELS: [&str; 2] = ["llava-tiny-llama", "llava-tiny-qwen2"];
 
-fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::U32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u32>()
-        .unwrap()
-}
-
 #[test]
 fn logits_and_greedy_tokens_match_transformers() {
     for name in MODELS {

@@ -10,15 +10,6 @@ use autoglm::vlm::Llava;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 
-fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::U32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u32>()
-        .unwrap()
-}
-
 #[test]
 fn prompt_and_answer_match_the_reference_processor_and_generate() {
     for name in ["llava-tiny-llama", "llava-tiny-qwen2"] {
