@@ -23,12 +23,9 @@ impl Linear {
     /// Loads `weight` and `bias`; fresh variables (a `VarMap` builder) get
     /// Kaiming-normal weights and zero biases.
     pub fn new(vb: VarBuilder, input: usize, output: usize) -> Result<Self> {
+        let weight = Self::new_no_bias(vb.clone(), input, output)?.weight;
         Ok(Self {
-            weight: vb.get_with_hints(
-                (output, input),
-                "weight",
-                candle_nn::init::DEFAULT_KAIMING_NORMAL,
-            )?,
+            weight,
             bias: Some(vb.get(output, "bias")?),
         })
     }
