@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::Global;
 
-/// Where the project's default model will live (made by the training issue).
+/// The project's default model, relative to the repository root.
 const DEFAULT_MODEL: &str = "models/autoglm-tiny";
 
 #[derive(Args)]
@@ -69,17 +69,35 @@ pub struct CaptionArgs {
     gen: GenArgs,
 }
 
-fn model_dir(given: &Option<PathBuf>) -> Result<PathBuf> {
+/// The model to use: the one given, else `$AUTOGLM_MODEL`, else the default
+/// model of the repository this binary was built from (found from the
+/// binary's own path, so the working directory does not matter).
+pub(crate) fn model_dir(given: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(d) = given {
         return Ok(d.clone());
     }
-    let d = PathBuf::from(DEFAULT_MODEL);
-    if !d.join("config.json").is_file() {
-        bail!(
-            "no default model yet: {DEFAULT_MODEL} is made by training (the trainer issue); pass --model DIR with a HF LLaVA-layout model"
-        );
+    if let Some(d) = std::env::var_os("AUTOGLM_MODEL") {
+        return Ok(PathBuf::from(d));
     }
-    Ok(d)
+    let mut tried = Vec::new();
+    // target/{release,debug}/autoglm → the repository root is two levels up.
+    if let Ok(exe) = std::env::current_exe() {
+        for root in exe.ancestors().skip(1).take(4) {
+            tried.push(root.join(DEFAULT_MODEL));
+        }
+    }
+    tried.push(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(DEFAULT_MODEL),
+    );
+    if let Some(d) = tried.iter().find(|d| d.join("config.json").is_file()) {
+        return Ok(d.clone());
+    }
+    bail!(
+        "no default model: {DEFAULT_MODEL} was not found beside this binary ({}); pass --model DIR or set AUTOGLM_MODEL",
+        tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )
 }
 
 pub fn ask(g: &Global, a: AskArgs) -> Result<()> {

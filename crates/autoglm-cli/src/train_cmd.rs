@@ -28,14 +28,37 @@ pub fn train(g: &Global, a: TrainArgs) -> Result<()> {
     let cfg: VqaTrainConfig = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a valid training config", a.config.display()))?;
     let json = g.json;
+    let bar = progress_bar(cfg.steps as u64, json);
+    // Without a terminal the bar draws nothing: log a line now and then.
+    let log_every = if bar.is_hidden() && !json {
+        (cfg.steps / 100).max(1)
+    } else {
+        usize::MAX
+    };
+    let mut first: Option<(usize, f64)> = None;
     train_vqa(&cfg, &a.out, a.resume, &mut |m| {
-        if !json {
+        // Throughput since the first step this process ran (resume-aware).
+        let (s0, t0) = *first.get_or_insert((m.step - 1, m.seconds));
+        let rate = ((m.step - s0) * cfg.batch_size) as f64 / (m.seconds - t0).max(1e-9);
+        let eval = m
+            .eval
+            .as_ref()
+            .and_then(|e| e["held_out_accuracy"].as_f64())
+            .map(|a| format!("  held-out {:.2}%", a * 100.0))
+            .unwrap_or_default();
+        bar.set_position(m.step as u64);
+        bar.set_message(format!("loss {:.4}  {rate:.0} samples/s", m.loss));
+        if !eval.is_empty() {
+            bar.println(format!("step {}{eval}", m.step));
+        }
+        if m.step % log_every == 0 || (!eval.is_empty() && bar.is_hidden() && !json) {
             eprintln!(
-                "step {:>6}/{}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} s",
+                "step {:>6}/{}  loss {:.4}  lr {:.2e}  |g| {:.3}  {rate:.0} samples/s  {:.0} s{eval}",
                 m.step, cfg.steps, m.loss, m.lr, m.grad_norm, m.seconds
             );
         }
     })?;
+    bar.finish_and_clear();
     if json {
         println!("{}", json!({"model": a.out, "steps": cfg.steps}));
     } else {
@@ -44,11 +67,24 @@ pub fn train(g: &Global, a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn progress_bar(steps: u64, json: bool) -> indicatif::ProgressBar {
+    if json {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(steps);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
 #[derive(Args)]
 pub struct EvalArgs {
-    /// The model directory.
+    /// The model directory (default: the project's default model).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// `easy-vqa`, or a JSON-lines file of {"image", "question", "answer"}.
     #[arg(long, default_value = "easy-vqa")]
     data: String,
@@ -58,6 +94,9 @@ pub struct EvalArgs {
     /// Evaluate only the first N examples (0 = all).
     #[arg(long, default_value_t = 0)]
     limit: usize,
+    /// Where to write the confusion matrix (PNG).
+    #[arg(long, default_value = "confusion.png")]
+    confusion: PathBuf,
 }
 
 pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
@@ -77,7 +116,12 @@ pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
         ex.truncate(a.limit);
     }
     let dev = autoglm::default_device()?;
-    let r = evaluate(&a.model, &ex, &dev)?;
+    let model = crate::ask::model_dir(&a.model)?;
+    let r = evaluate(&model, &ex, &dev)?;
+    let plotted = r.confusion.plot(&a.confusion);
+    if let Err(e) = &plotted {
+        eprintln!("warning: no confusion matrix: {e}");
+    }
     if g.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -88,6 +132,10 @@ pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
         );
         for (k, (n, acc)) in &r.per_type {
             println!("  {k:<8} {:>6.2}%  ({n})", acc * 100.0);
+        }
+        println!("({} with {}, {:.0} s)", a.split, model.display(), r.seconds);
+        if plotted.is_ok() {
+            println!("confusion matrix: {}", a.confusion.display());
         }
     }
     Ok(())

@@ -14,11 +14,19 @@ use crate::fusion::projector::Projector;
 use crate::io::weights::Safetensors;
 use crate::text::kv_cache::KvCache;
 use crate::text::llama::{Llama, Positions};
+use crate::vision::efficientnet::{EfficientNet, EfficientNetConfig};
 use crate::vision::vit::ClipVision;
 use crate::{Error, Result};
 
+/// The image encoder: a CLIP-layout ViT, or the pretrained EfficientNet-Lite0
+/// (inference kernels only: it is kept frozen).
+pub enum VisionTower {
+    Clip(ClipVision),
+    EfficientNet(EfficientNet),
+}
+
 pub struct Llava {
-    pub vision: ClipVision,
+    pub vision: VisionTower,
     pub projector: Projector,
     pub lm: Llama,
     pub config: LlavaConfig,
@@ -30,6 +38,32 @@ impl Llava {
     /// `language_model.lm_head`) and the refactored one (`model.vision_tower`,
     /// `model.multi_modal_projector`, `model.language_model`, `lm_head`).
     pub fn new(vb: VarBuilder, cfg: &LlavaConfig) -> Result<Self> {
+        let root = if vb.contains_tensor("model.language_model.embed_tokens.weight") {
+            vb.pp("model")
+        } else {
+            vb.clone()
+        };
+        let tower = root.pp("vision_tower");
+        let vision = if cfg.vision_config.is_efficientnet() {
+            let mut ec = EfficientNetConfig::lite0();
+            ec.image_size = cfg.vision_config.image_size;
+            VisionTower::EfficientNet(EfficientNet::new(tower, &ec)?)
+        } else if tower.contains_tensor("vision_model.embeddings.class_embedding") {
+            // CLIPVisionModel keeps the transformer under `vision_model`.
+            VisionTower::Clip(ClipVision::new(
+                tower.pp("vision_model"),
+                &cfg.vision_config,
+            )?)
+        } else {
+            VisionTower::Clip(ClipVision::new(tower, &cfg.vision_config)?)
+        };
+        Self::with_vision(vision, vb, cfg)
+    }
+
+    /// The projector and decoder from `vb` (either layout, as [`Self::new`])
+    /// around a vision tower built elsewhere — e.g. a frozen pretrained one
+    /// whose weights are not in `vb`.
+    pub fn with_vision(vision: VisionTower, vb: VarBuilder, cfg: &LlavaConfig) -> Result<Self> {
         let (root, lm_model, lm_head) =
             if vb.contains_tensor("model.language_model.embed_tokens.weight") {
                 (
@@ -44,17 +78,10 @@ impl Llava {
                     vb.pp("language_model").pp("lm_head"),
                 )
             };
-        let tower = root.pp("vision_tower");
-        // CLIPVisionModel keeps the transformer under `vision_model`.
-        let tower = if tower.contains_tensor("vision_model.embeddings.class_embedding") {
-            tower.pp("vision_model")
-        } else {
-            tower
-        };
         let kind = cfg.projector().map_err(Error::Invalid)?;
         let t = &cfg.text_config;
         Ok(Self {
-            vision: ClipVision::new(tower, &cfg.vision_config)?,
+            vision,
             projector: Projector::new(
                 root.pp("multi_modal_projector"),
                 kind,
@@ -86,7 +113,19 @@ impl Llava {
     /// # Shapes
     /// `pixels`: (N, 3, S, S) → (N, image_tokens, H_lm)
     pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
-        let out = self.vision.forward(pixels)?;
+        self.projector.forward(&self.vision_features(pixels)?)
+    }
+
+    /// The vision tower's selected features, before the projector.
+    ///
+    /// # Shapes
+    /// `pixels`: (N, 3, S, S) → (N, image_tokens, H_vision)
+    pub fn vision_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let vit = match &self.vision {
+            VisionTower::EfficientNet(e) => return e.head_tokens(pixels),
+            VisionTower::Clip(v) => v,
+        };
+        let out = vit.forward(pixels)?;
         let n = out.hidden_states.len() as i64;
         let l = self.config.vision_feature_layer;
         let idx = if l < 0 { n + l } else { l };
@@ -98,12 +137,11 @@ impl Llava {
                     "vision_feature_layer {l} is outside the tower's {n} hidden states"
                 ))
             })?;
-        let h = if self.config.vision_feature_select_strategy == "default" {
+        Ok(if self.config.vision_feature_select_strategy == "default" {
             h.narrow(1, 1, h.dim(1)? - 1)?
         } else {
             h.clone()
-        };
-        self.projector.forward(&h)
+        })
     }
 
     /// Expands each `<image>` placeholder into `image_tokens` copies (unless
@@ -165,24 +203,57 @@ impl Llava {
                 f.reshape((n * per, h))?
             }
         };
-        // Splice: runs of text rows and image rows, in prompt order.
-        let mut parts = Vec::new();
-        let (mut i, mut next_feat) = (0, 0);
-        while i < ids.len() {
-            let is_img = ids[i] == tok;
-            let start = i;
-            while i < ids.len() && (ids[i] == tok) == is_img {
-                i += 1;
-            }
-            let len = i - start;
-            if is_img {
-                parts.push(feats.narrow(0, next_feat, len)?);
-                next_feat += len;
-            } else {
-                parts.push(text.narrow(0, start, len)?);
-            }
+        Ok(splice(ids, tok, &text, &feats)?.unsqueeze(0)?)
+    }
+
+    /// Embeddings of a training batch: one image per row, rows right-padded
+    /// with id 0 to the longest (causal attention keeps the padding after
+    /// every real token invisible to it). Each row must hold exactly one
+    /// expanded image ([`Self::expand_image_tokens`]).
+    ///
+    /// # Shapes
+    /// `rows`: B rows of T ids; `image_embeds`: (B, P, H_lm), the projected
+    /// features ([`Self::image_features`]) → (B, T, H_lm)
+    pub fn embed_batch(&self, rows: &[Vec<u32>], image_embeds: &Tensor) -> Result<Tensor> {
+        let tok = self.config.image_token_index;
+        let dev = self.lm.embed_tokens_device();
+        let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let padded: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| {
+                r.iter()
+                    .map(|&i| if i == tok { 0 } else { i })
+                    .chain(std::iter::repeat_n(0, t - r.len()))
+            })
+            .collect();
+        let text = self
+            .lm
+            .embed(&Tensor::from_vec(padded, (rows.len(), t), dev)?)?;
+        let feats = image_embeds;
+        if feats.dim(0)? != rows.len() {
+            return Err(Error::Invalid(format!(
+                "{} rows but {} images: give one image per row",
+                rows.len(),
+                feats.dim(0)?
+            )));
         }
-        Ok(Tensor::cat(&parts, 0)?.unsqueeze(0)?)
+        let per = feats.dim(1)?;
+        let out = rows
+            .iter()
+            .enumerate()
+            .map(|(b, r)| {
+                let n = r.iter().filter(|&&i| i == tok).count();
+                if n != per {
+                    return Err(Error::Invalid(format!(
+                        "row {b} has {n} image tokens; one image needs {per}"
+                    )));
+                }
+                let mut ids = r.clone();
+                ids.resize(t, 0);
+                splice(&ids, tok, &text.get(b)?, &feats.get(b)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&out, 0)?)
     }
 
     /// Logits of every prompt position (for parity tests and scoring).
@@ -196,4 +267,26 @@ impl Llava {
         let pos = Positions::contiguous(1, ids.len(), cache.len(), e.device())?;
         self.lm.logits(&self.lm.forward_embeds(&e, &pos, cache)?)
     }
+}
+
+/// Rows of `text` (T, H) with the rows of `feats` (K, H) in place of the K
+/// positions of `ids` that hold the image token, in order.
+fn splice(ids: &[u32], tok: u32, text: &Tensor, feats: &Tensor) -> Result<Tensor> {
+    let mut parts = Vec::new();
+    let (mut i, mut next_feat) = (0, 0);
+    while i < ids.len() {
+        let is_img = ids[i] == tok;
+        let start = i;
+        while i < ids.len() && (ids[i] == tok) == is_img {
+            i += 1;
+        }
+        let len = i - start;
+        if is_img {
+            parts.push(feats.narrow(0, next_feat, len)?);
+            next_feat += len;
+        } else {
+            parts.push(text.narrow(0, start, len)?);
+        }
+    }
+    Ok(Tensor::cat(&parts, 0)?)
 }

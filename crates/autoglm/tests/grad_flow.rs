@@ -182,3 +182,50 @@ fn gradients_match_finite_differences() {
         );
     }
 }
+
+/// The trainer's batched path (rows of different lengths, right-padded,
+/// one image each, logits only at the answer positions) gives the logits
+/// the one-example forward pass gives at those positions.
+#[test]
+fn batched_answer_logits_match_one_example_at_a_time() {
+    use autoglm::train::vqa::{answer_logits, Encoded, Images};
+    let (_vm, m, _, pixels) = setup();
+    let rows = [
+        Encoded {
+            prompt: m.expand_image_tokens(&[1, 3, 7, 8], 1).unwrap(),
+            answer: vec![9, 10, 2],
+        },
+        Encoded {
+            prompt: m
+                .expand_image_tokens(&[1, 3, 7, 8, 11, 12, 13, 14, 15], 1)
+                .unwrap(),
+            answer: vec![16, 2],
+        },
+    ];
+    let refs: Vec<&Encoded> = rows.iter().collect();
+    let (logits, targets) = answer_logits(&m, &refs, Images::Pixels(&pixels)).unwrap();
+    assert_eq!(common::ids(&targets), vec![9, 10, 2, 16, 2]);
+    let mut at = 0;
+    for (b, r) in rows.iter().enumerate() {
+        let mut ids = r.prompt.clone();
+        ids.extend(&r.answer[..r.answer.len() - 1]);
+        let one = m
+            .forward(
+                &ids,
+                Some(&pixels.narrow(0, b, 1).unwrap()),
+                &mut m.lm.new_cache(),
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let n = r.answer.len();
+        let want = one.narrow(0, r.prompt.len() - 1, n).unwrap();
+        let got = logits.narrow(0, at, n).unwrap();
+        let d = max_abs_diff(&got, &want);
+        assert!(
+            d < 1e-4,
+            "row {b}: batched vs one-by-one logits differ by {d}"
+        );
+        at += n;
+    }
+}

@@ -365,6 +365,7 @@ fn trainer_smoke_on_easy_vqa() {
         eval_every: 10,
         checkpoint_every: 10,
         seed: 0,
+        workers: 2,
     };
     let dir = tempfile::tempdir().unwrap();
     let frozen_before = weights(&vm)["vision_tower.encoder.layers.0.mlp.fc1.weight"].clone();
@@ -373,7 +374,7 @@ fn trainer_smoke_on_easy_vqa() {
     let run = |t: &mut Trainer| {
         t.run(
             &vm,
-            &mut |step, micro| example_loss(&m, step * 2 + micro),
+            &|step, micro| example_loss(&m, step * 2 + micro),
             &mut |_| Ok(serde_json::json!({"loss": mean_loss(&m)})),
             &mut |_| {},
         )
@@ -411,6 +412,8 @@ fn vqa_training_writes_a_usable_model() {
     use autoglm::train::vqa::{evaluate, load_data, train_vqa, DataSource, VqaTrainConfig};
     let cfg = |steps| VqaTrainConfig {
         data: DataSource::EasyVqa,
+        vision: "vit".into(),
+        blind: false,
         max_train_examples: 64,
         image_size: 16,
         patch_size: 8,
@@ -431,6 +434,10 @@ fn vqa_training_writes_a_usable_model() {
         seed: 1,
         eval_every: 0,
         checkpoint_every: 10,
+        augment: true,
+        workers: 2,
+        init_std: 0.02,
+        held_out_images: 0,
     };
     let dir = tempfile::tempdir().unwrap();
     let mut losses = Vec::new();
@@ -449,4 +456,56 @@ fn vqa_training_writes_a_usable_model() {
     assert_eq!(r.examples, 12);
     assert!((0.0..=1.0).contains(&r.accuracy));
     assert_eq!(r.per_type.values().map(|(n, _)| n).sum::<usize>(), 12);
+}
+
+/// The confusion matrix counts true answer × given answer, with `(other)`
+/// for answers outside the label set, and draws as a PNG.
+#[test]
+fn confusion_matrix_counts_and_draws() {
+    use autoglm::train::vqa::Confusion;
+    let truth = ["yes", "no", "red", "red"];
+    let given: Vec<String> = ["yes", "yes", "red", "purple"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let c = Confusion::from_answers(&truth, &given);
+    assert_eq!(c.labels, ["no", "red", "yes", "(other)"]);
+    assert_eq!(
+        c.counts,
+        vec![vec![0, 0, 1, 0], vec![0, 1, 0, 1], vec![0, 0, 1, 0]]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("confusion.png");
+    c.plot(&path).unwrap();
+    let img = image::open(&path).unwrap().to_rgb8();
+    assert!(img.width() > 200 && img.height() > 200);
+    // The diagonal cells are green, the wrong ones red.
+    let green = img.pixels().filter(|p| p[1] == 255 && p[0] < 100).count();
+    let red = img.pixels().filter(|p| p[0] == 255 && p[1] < 100).count();
+    assert!(green > 1000 && red > 1000, "green {green}, red {red}");
+}
+
+/// `metrics.jsonl` becomes loss.png and accuracy.png.
+#[test]
+fn metrics_plot_to_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (1..=40)
+        .map(|s| {
+            let eval = if s % 10 == 0 {
+                format!(r#","eval":{{"held_out_accuracy":{}}}"#, s as f64 / 50.0)
+            } else {
+                String::new()
+            };
+            format!(
+                r#"{{"step":{s},"loss":{},"lr":0.001,"grad_norm":1.0,"seconds":{s}{eval}}}"#,
+                3.0 / s as f64
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("metrics.jsonl"), lines.join("\n")).unwrap();
+    autoglm::train::plot::plot_metrics(dir.path()).unwrap();
+    for f in ["loss.png", "accuracy.png"] {
+        let img = image::open(dir.path().join(f)).unwrap();
+        assert_eq!((img.width(), img.height()), (800, 480), "{f}");
+    }
 }

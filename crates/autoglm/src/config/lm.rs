@@ -283,7 +283,9 @@ impl LlavaConfig {
         let v = &self.vision_config;
         v.validate(path)?;
         let layers = v.num_hidden_layers as i64;
-        if self.vision_feature_layer < -(layers + 1) || self.vision_feature_layer > layers {
+        if !v.is_efficientnet()
+            && (self.vision_feature_layer < -(layers + 1) || self.vision_feature_layer > layers)
+        {
             return Err(invalid(
                 path,
                 format!(
@@ -331,8 +333,13 @@ impl LlavaConfig {
         ProjectorKind::parse(&self.projector_type)
     }
 
-    /// Image tokens per image: patches, plus the class token with `full`.
+    /// Image tokens per image: patches, plus the class token with `full`
+    /// (EfficientNet: the cells of its stride-32 head map).
     pub fn image_tokens(&self) -> usize {
+        if self.vision_config.is_efficientnet() {
+            let g = self.vision_config.image_size / 32;
+            return g * g;
+        }
         let g = self.vision_config.image_size / self.vision_config.patch_size;
         g * g + usize::from(self.vision_feature_select_strategy == "full")
     }

@@ -158,10 +158,17 @@ impl Default for ClipTextConfig {
     }
 }
 
+/// `vision_config.model_type` of the EfficientNet-Lite0 tower.
+pub const EFFICIENTNET_LITE0: &str = "efficientnet_lite0";
+
 /// HF `CLIPVisionConfig`, with HF's defaults.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct ClipVisionConfig {
+    /// `clip_vision_model` (or absent) for a ViT; `efficientnet_lite0` for
+    /// the pretrained EfficientNet-Lite0 tower (hidden_size 1280, one token
+    /// per cell of its stride-32 head map).
+    pub model_type: Option<String>,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -180,6 +187,7 @@ impl Default for ClipVisionConfig {
             intermediate_size: 3072,
             num_hidden_layers: 12,
             num_attention_heads: 12,
+            model_type: None,
             num_channels: 3,
             image_size: 224,
             patch_size: 32,
@@ -190,8 +198,33 @@ impl Default for ClipVisionConfig {
 }
 
 impl ClipVisionConfig {
+    /// Whether this is the EfficientNet-Lite0 tower rather than a ViT.
+    pub fn is_efficientnet(&self) -> bool {
+        self.model_type.as_deref() == Some(EFFICIENTNET_LITE0)
+    }
+
     /// Checks the head layout and that the image holds at least one patch.
     pub fn validate(&self, path: &Path) -> Result<()> {
+        if self.is_efficientnet() {
+            if self.hidden_size != 1280 || self.image_size == 0 || self.image_size % 32 != 0 {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "vision_config: {EFFICIENTNET_LITE0} needs hidden_size 1280 and an image_size that is a positive multiple of 32, got {} and {}",
+                        self.hidden_size, self.image_size
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        if let Some(t) = self.model_type.as_deref() {
+            if !matches!(t, "clip_vision_model" | "siglip_vision_model") {
+                return Err(invalid(
+                    path,
+                    format!("vision_config.model_type `{t}` is not supported (clip_vision_model or {EFFICIENTNET_LITE0})"),
+                ));
+            }
+        }
         check_heads(
             path,
             "vision_config",

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
 pub mod trainer;
 pub mod vqa;

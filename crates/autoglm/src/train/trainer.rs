@@ -31,6 +31,15 @@ pub struct TrainConfig {
     pub eval_every: usize,
     pub checkpoint_every: usize,
     pub seed: u64,
+    /// Micro-batches computed at once, each on its own thread (data
+    /// parallelism on one machine; the sum of the gradients is the same as
+    /// one at a time).
+    #[serde(default = "one")]
+    pub workers: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One line of `metrics.jsonl`.
@@ -137,12 +146,13 @@ impl Trainer {
 
     /// Runs until `config.steps`. `loss(step, micro)` returns the loss of
     /// micro-batch `micro` of `step` (its data must depend only on those, so
-    /// that resuming replays the same batches); `eval(step)` runs every
-    /// `eval_every` steps and at the end.
+    /// that resuming replays the same batches); up to `config.workers`
+    /// micro-batches run at once on their own threads. `eval(step)` runs
+    /// every `eval_every` steps and at the end.
     pub fn run(
         &mut self,
         varmap: &VarMap,
-        loss: &mut dyn FnMut(usize, usize) -> Result<Tensor>,
+        loss: &(dyn Fn(usize, usize) -> Result<Tensor> + Sync),
         eval: &mut dyn FnMut(usize) -> Result<serde_json::Value>,
         on_step: &mut dyn FnMut(&Metrics),
     ) -> Result<()> {
@@ -154,16 +164,46 @@ impl Trainer {
             .map_err(|e| Error::io(&path, e))?;
         let start = std::time::Instant::now();
         let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
+        let accum = self.config.grad_accum;
+        let workers = self.config.workers.clamp(1, accum);
         while self.step < self.config.steps {
             let s = self.step;
-            let accum = self.config.grad_accum;
-            // Forward and backward over the micro-batches, summing gradients.
-            let mut total: Option<GradStore> = None;
-            let mut loss_sum = 0.0;
-            for micro in 0..accum {
+            // Forward and backward of one micro-batch: (loss, gradients).
+            let micro_grads = |micro: usize| -> Result<(f64, GradStore)> {
                 let l = loss(s, micro)?;
-                loss_sum += l.to_scalar::<f32>()? as f64;
-                let g = (l / accum as f64)?.backward()?;
+                let value = l.to_scalar::<f32>()? as f64;
+                Ok((value, (l / accum as f64)?.backward()?))
+            };
+            let mut results = Vec::with_capacity(accum);
+            for first in (0..accum).step_by(workers) {
+                let group: Vec<usize> = (first..(first + workers).min(accum)).collect();
+                if group.len() == 1 {
+                    results.push(micro_grads(group[0])?);
+                    continue;
+                }
+                let out: Vec<Result<(f64, GradStore)>> = std::thread::scope(|scope| {
+                    let handles: Vec<_> = group
+                        .iter()
+                        .map(|&m| scope.spawn(move || micro_grads(m)))
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| {
+                            h.join().unwrap_or_else(|_| {
+                                Err(Error::Invalid("a training worker panicked".into()))
+                            })
+                        })
+                        .collect()
+                });
+                for r in out {
+                    results.push(r?);
+                }
+            }
+            // Sum in micro-batch order: the same result whatever the threads did.
+            let mut loss_sum = 0.0;
+            let mut total: Option<GradStore> = None;
+            for (l, g) in results {
+                loss_sum += l;
                 total = Some(match total {
                     None => g,
                     Some(mut acc) => {

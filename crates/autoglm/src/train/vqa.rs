@@ -4,7 +4,8 @@
 //! prompt with the image before the question. The output directory is a HF
 //! LLaVA-layout model that `ask` and `eval` load.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -16,10 +17,13 @@ use crate::data::loader::epoch_order;
 use crate::data::{easy_vqa, jsonl, VqaExample};
 use crate::io::image::{load, ImageLimits};
 use crate::io::preprocess::{CropRounding, Preprocess, Resample};
+use crate::io::weights::Safetensors;
 use crate::text::chat::ChatTemplate;
 use crate::text::generate::GenerateConfig;
+use crate::text::llama::Positions;
 use crate::text::tokenizer::Tokenizer;
-use crate::vlm::Llava;
+use crate::vision::efficientnet::{EfficientNet, EfficientNetConfig};
+use crate::vlm::{Llava, VisionTower};
 use crate::{Error, Result};
 
 /// Where the examples come from.
@@ -39,6 +43,14 @@ pub enum DataSource {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VqaTrainConfig {
     pub data: DataSource,
+    /// `vit`: a CLIP-layout ViT trained from scratch; `efficientnet-lite0`:
+    /// the pretrained EfficientNet-Lite0 (from the assets), kept frozen.
+    #[serde(default = "vit")]
+    pub vision: String,
+    /// Train without images (the prompt has no image): what the questions
+    /// alone give.
+    #[serde(default)]
+    pub blind: bool,
     /// Use at most this many training examples (0 = all).
     #[serde(default)]
     pub max_train_examples: usize,
@@ -63,6 +75,56 @@ pub struct VqaTrainConfig {
     pub eval_every: usize,
     #[serde(default)]
     pub checkpoint_every: usize,
+    /// Random horizontal and vertical flips of the training images.
+    #[serde(default = "yes")]
+    pub augment: bool,
+    /// Threads that each compute part of every batch (data parallelism);
+    /// `batch_size` must divide evenly. On a small model this beats
+    /// splitting each operation over threads.
+    #[serde(default = "one")]
+    pub workers: usize,
+    /// Standard deviation of the initial weights.
+    #[serde(default = "init_std")]
+    pub init_std: f64,
+    /// Training images whose questions are kept out of training to measure
+    /// accuracy at each evaluation (teacher-forced exact match).
+    #[serde(default = "held_out")]
+    pub held_out_images: usize,
+}
+
+fn vit() -> String {
+    "vit".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> usize {
+    1
+}
+
+fn init_std() -> f64 {
+    0.02
+}
+
+fn held_out() -> usize {
+    100
+}
+
+/// (held out, rest): the examples of `n` images chosen by `seed` (at most a
+/// tenth of the images), and the others, each in dataset order.
+fn split_by_image(ex: Vec<VqaExample>, n: usize, seed: u64) -> (Vec<VqaExample>, Vec<VqaExample>) {
+    let mut images: Vec<&std::path::Path> = ex.iter().map(|e| e.image.as_path()).collect();
+    images.sort();
+    images.dedup();
+    let n = n.min(images.len() / 10);
+    let order = epoch_order(images.len(), seed ^ 0x5EED, 0, true);
+    let held: std::collections::HashSet<std::path::PathBuf> = order[..n]
+        .iter()
+        .map(|&i| images[i].to_path_buf())
+        .collect();
+    ex.into_iter().partition(|e| held.contains(&e.image))
 }
 
 const SPECIAL: [&str; 6] = [
@@ -89,14 +151,20 @@ pub fn load_data(src: &DataSource, split: &str) -> Result<Vec<VqaExample>> {
 }
 
 fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
+    let vision = if c.vision == "efficientnet-lite0" {
+        serde_json::json!({"model_type": crate::config::EFFICIENTNET_LITE0, "hidden_size": 1280,
+            "image_size": c.image_size})
+    } else {
+        serde_json::json!({"model_type": "clip_vision_model", "hidden_size": c.vision_hidden,
+            "intermediate_size": 4 * c.vision_hidden, "num_hidden_layers": c.vision_layers,
+            "num_attention_heads": c.vision_heads, "image_size": c.image_size, "patch_size": c.patch_size,
+            "hidden_act": "gelu"})
+    };
     serde_json::json!({
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
         "image_token_index": 3, "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
         "projector_hidden_act": "gelu", "projector_type": c.projector, "tie_word_embeddings": true,
-        "vision_config": {"model_type": "clip_vision_model", "hidden_size": c.vision_hidden,
-            "intermediate_size": 4 * c.vision_hidden, "num_hidden_layers": c.vision_layers,
-            "num_attention_heads": c.vision_heads, "image_size": c.image_size, "patch_size": c.patch_size,
-            "hidden_act": "gelu"},
+        "vision_config": vision,
         "text_config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": c.text_hidden,
             "intermediate_size": 4 * c.text_hidden, "num_hidden_layers": c.text_layers,
             "num_attention_heads": c.text_heads, "num_key_value_heads": c.text_kv_heads,
@@ -123,6 +191,9 @@ pub fn train_vqa(
     if c.max_train_examples > 0 {
         train.truncate(c.max_train_examples);
     }
+    // The questions of `held_out_images` images (a seeded choice, at most
+    // a tenth) are never trained on: evaluation measures unseen images.
+    let (held_out, train) = split_by_image(train, c.held_out_images, c.seed);
     if train.is_empty() {
         return Err(Error::Invalid("no training examples".into()));
     }
@@ -152,18 +223,39 @@ pub fn train_vqa(
         &serde_json::json!({"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>"})
             .to_string(),
     )?;
+    let effnet = match c.vision.as_str() {
+        "vit" => false,
+        "efficientnet-lite0" => true,
+        other => {
+            return Err(Error::Invalid(format!(
+                "vision `{other}` is not known: use `vit` or `efficientnet-lite0`"
+            )))
+        }
+    };
+    // The ViT's inputs in [-1, 1]; EfficientNet-Lite's TF normalisation.
+    // Whole images, resized, never cropped: easy-VQA shapes touch the edges.
+    let (mean, std, resample, code) = if effnet {
+        (
+            [127.0 / 255.0; 3],
+            [128.0 / 255.0; 3],
+            Resample::Bilinear,
+            2,
+        )
+    } else {
+        ([0.5; 3], [0.5; 3], Resample::Bicubic, 3)
+    };
     let pre = Preprocess {
         shortest_edge: c.image_size as u32,
-        resample: Resample::Bicubic,
+        resample,
         crop: (c.image_size as u32, c.image_size as u32),
         crop_rounding: CropRounding::Floor,
-        mean: [0.5; 3],
-        std: [0.5; 3],
+        mean,
+        std,
     };
     write(
         &out.join("preprocessor_config.json"),
         &serde_json::json!({"size": {"shortest_edge": c.image_size}, "crop_size": {"height": c.image_size, "width": c.image_size},
-            "resample": 3, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
+            "resample": code, "image_mean": mean, "image_std": std})
         .to_string(),
     )?;
     let cfg_json = llava_config(c, vocab);
@@ -176,42 +268,57 @@ pub fn train_vqa(
     cfg.validate(&out.join("config.json"))?;
 
     let vm = VarMap::new();
-    let model = Llava::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg)?;
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    // The frozen EfficientNet's weights stay out of the VarMap: nothing
+    // trains them, and they are added to the saved model at the end.
+    let (model, frozen_dir) = if effnet {
+        let dir = crate::io::assets::dir("efficientnet-lite0")?;
+        let mut ec = EfficientNetConfig::lite0();
+        ec.image_size = c.image_size;
+        let evb = Safetensors::open_dir(&dir)?.var_builder(DType::F32, &Device::Cpu);
+        let tower = VisionTower::EfficientNet(EfficientNet::new(evb, &ec)?);
+        (Llava::with_vision(tower, vb, &cfg)?, Some(dir))
+    } else {
+        (Llava::new(vb, &cfg)?, None)
+    };
+    init_weights(&vm, c.seed, c.init_std)?;
     let template = ChatTemplate::new(TEMPLATE, "<s>", "<|im_end|>")?;
     let end = tokenizer
         .token_id("<|im_end|>")
         .ok_or_else(|| Error::Invalid("tokenizer lacks <|im_end|>".into()))?;
-    // Prompt and target ids of one example.
-    let encode = |e: &VqaExample| -> Result<(Vec<u32>, Vec<u32>)> {
-        let msgs = serde_json::json!([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.question}]}]);
-        let prompt = model
-            .expand_image_tokens(&tokenizer.encode_plain(&template.render(&msgs, true)?)?, 1)?;
+    let encode = |e: &VqaExample| -> Result<Encoded> {
+        let mut content = vec![serde_json::json!({"type": "text", "text": e.question})];
+        if !c.blind {
+            content.insert(0, serde_json::json!({"type": "image"}));
+        }
+        let msgs = serde_json::json!([{"role": "user", "content": content}]);
+        let prompt = model.expand_image_tokens(
+            &tokenizer.encode_plain(&template.render(&msgs, true)?)?,
+            usize::from(!c.blind),
+        )?;
         let mut answer = tokenizer.encode_plain(&e.answer)?;
         answer.push(end);
-        Ok((prompt, answer))
+        Ok(Encoded { prompt, answer })
     };
-    let loss_of = |e: &VqaExample| -> Result<Tensor> {
-        let (prompt, answer) = encode(e)?;
-        let img = load(&e.image, ImageLimits::default())?;
-        let px = pre
-            .normalize(&pre.resize_crop(&img)?, &Device::Cpu)?
-            .unsqueeze(0)?;
-        let mut ids = prompt.clone();
-        ids.extend(&answer[..answer.len() - 1]);
-        let logits = model
-            .forward(&ids, Some(&px), &mut model.lm.new_cache())?
-            .squeeze(0)?;
-        // Teacher forcing: position p predicts ids[p + 1]; score the answer.
-        let first = prompt.len() - 1;
-        let pred = logits.narrow(0, first, answer.len())?;
-        Ok(candle_nn::loss::cross_entropy(
-            &pred,
-            &Tensor::new(answer.as_slice(), &Device::Cpu)?,
-        )?)
-    };
+    let mut images = ImageCache::build(train.iter().chain(&held_out), &pre)?;
+    images.blind = c.blind;
+    if effnet && !c.blind {
+        let flips: &[u8] = if c.augment { &[0, 1] } else { &[0] };
+        images.precompute_features(&model, flips)?;
+    }
+    let train_ids = train.iter().map(encode).collect::<Result<Vec<_>>>()?;
+    let held_ids = held_out.iter().map(encode).collect::<Result<Vec<_>>>()?;
+    if c.workers == 0 || c.batch_size == 0 || c.batch_size % c.workers != 0 {
+        return Err(Error::Invalid(format!(
+            "batch_size {} must be a positive multiple of workers {}",
+            c.batch_size, c.workers
+        )));
+    }
+    let micro = c.batch_size / c.workers;
     let tc = TrainConfig {
         steps: c.steps,
-        grad_accum: 1,
+        grad_accum: c.workers,
+        workers: c.workers,
         schedule: Schedule {
             peak_lr: c.peak_lr,
             warmup_steps: c.warmup_steps,
@@ -230,35 +337,389 @@ pub fn train_vqa(
         tracing::info!("resumed at step {}", trainer.step);
     }
     let per_epoch = train.len().div_ceil(c.batch_size).max(1);
-    let mut loss = |step: usize, _micro: usize| -> Result<Tensor> {
+    let loss = |step: usize, part: usize| -> Result<Tensor> {
         let order = epoch_order(train.len(), c.seed, (step / per_epoch) as u64, true);
         let start = (step % per_epoch) * c.batch_size;
-        let idx = &order[start..(start + c.batch_size).min(order.len())];
-        let losses = idx
+        let batch = &order[start..(start + c.batch_size).min(order.len())];
+        let lo = (part * micro).min(batch.len());
+        let idx = &batch[lo..(lo + micro).min(batch.len())];
+        if idx.is_empty() {
+            // A short last batch left this part nothing: no contribution.
+            let any = model
+                .lm
+                .embed(&Tensor::zeros((1, 1), DType::U32, &Device::Cpu)?)?;
+            return Ok((any.sum_all()? * 0.0)?);
+        }
+        let flips: Vec<u8> = idx
             .iter()
-            .map(|&i| loss_of(&train[i]))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((Tensor::stack(&losses, 0)?.sum_all()? / losses.len() as f64)?)
+            .enumerate()
+            .map(|(k, _)| {
+                if c.augment {
+                    (mix(c.seed, step as u64, (lo + k) as u64) & 1) as u8
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let px = images.batch(idx.iter().map(|&i| &train[i].image), &flips)?;
+        let rows: Vec<&Encoded> = idx.iter().map(|&i| &train_ids[i]).collect();
+        let (logits, targets) = answer_logits(&model, &rows, px.as_ref())?;
+        Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
     };
-    trainer.run(
-        &vm,
-        &mut loss,
-        &mut |_| Ok(serde_json::Value::Null),
-        on_step,
-    )?;
+    let mut eval = |_step: usize| -> Result<serde_json::Value> {
+        let mut correct = 0;
+        for (chunk_i, chunk) in held_ids.chunks(64).enumerate() {
+            let base = chunk_i * 64;
+            let px = images.batch(
+                (base..base + chunk.len()).map(|i| &held_out[i].image),
+                &vec![0; chunk.len()],
+            )?;
+            let rows: Vec<&Encoded> = chunk.iter().collect();
+            let (logits, targets) = answer_logits(&model, &rows, px.as_ref())?;
+            let pred = logits.argmax(1)?.to_vec1::<u32>()?;
+            let targets = targets.to_vec1::<u32>()?;
+            let mut at = 0;
+            for r in &rows {
+                let n = r.answer.len();
+                correct += usize::from(pred[at..at + n] == targets[at..at + n]);
+                at += n;
+            }
+        }
+        Ok(serde_json::json!({
+            "held_out_accuracy": correct as f64 / held_ids.len().max(1) as f64,
+            "examples": held_ids.len(),
+        }))
+    };
+    trainer.run(&vm, &loss, &mut eval, on_step)?;
+    if let Err(e) = super::plot::plot_metrics(out) {
+        tracing::warn!("no plots: {e}");
+    }
     let tmp = out.join("model.safetensors.tmp");
-    vm.save(&tmp)?;
+    match frozen_dir {
+        None => vm.save(&tmp)?,
+        Some(dir) => {
+            // The trained weights plus the frozen tower's, under `vision_tower.`.
+            let mut all: HashMap<String, Tensor> = vm
+                .data()
+                .lock()
+                .map_err(|_| Error::Invalid("variable map poisoned".into()))?
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect();
+            let path = dir.join("model.safetensors");
+            for (n, t) in candle_core::safetensors::load(&path, &Device::Cpu)? {
+                all.insert(format!("vision_tower.{n}"), t);
+            }
+            candle_core::safetensors::save(&all, &tmp)?;
+        }
+    }
     std::fs::rename(&tmp, out.join("model.safetensors")).map_err(|e| Error::io(out, e))?;
     Ok(())
 }
 
+/// The prompt ids (image expanded) and the answer ids (ending with the end
+/// token) of one example.
+pub struct Encoded {
+    pub prompt: Vec<u32>,
+    pub answer: Vec<u32>,
+}
+
+/// What a batch brings of its images.
+pub enum Images<'a> {
+    /// (B, 3, S, S) preprocessed pixels: the vision tower runs.
+    Pixels(&'a Tensor),
+    /// (B, P, H_vision) features of a frozen tower, computed beforehand.
+    VisionFeatures(&'a Tensor),
+    /// No images: blind rows (their prompts hold no image tokens).
+    None,
+}
+
+/// Owned [`Images`].
+pub enum ImageBatch {
+    Pixels(Tensor),
+    VisionFeatures(Tensor),
+    None,
+}
+
+impl ImageBatch {
+    pub fn as_ref(&self) -> Images<'_> {
+        match self {
+            ImageBatch::Pixels(t) => Images::Pixels(t),
+            ImageBatch::VisionFeatures(t) => Images::VisionFeatures(t),
+            ImageBatch::None => Images::None,
+        }
+    }
+}
+
+/// Teacher-forced logits of every answer token of a batch, flattened in row
+/// order, and the ids they should predict: position p predicts token p + 1,
+/// so the answer's k-th token is predicted at `prompt.len() - 1 + k`.
+///
+/// # Shapes
+/// → logits (A, V), targets (A) with A the total answer tokens.
+pub fn answer_logits(model: &Llava, rows: &[&Encoded], images: Images) -> Result<(Tensor, Tensor)> {
+    let ids: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|r| {
+            let mut v = r.prompt.clone();
+            v.extend(&r.answer[..r.answer.len() - 1]);
+            v
+        })
+        .collect();
+    let t = ids.iter().map(Vec::len).max().unwrap_or(0);
+    let (mut at, mut targets) = (Vec::new(), Vec::new());
+    for (b, r) in rows.iter().enumerate() {
+        for (k, &a) in r.answer.iter().enumerate() {
+            at.push((b * t + r.prompt.len() - 1 + k) as u32);
+            targets.push(a);
+        }
+    }
+    let dev = model.lm.embed_tokens_device().clone();
+    let e = match images {
+        Images::Pixels(p) => model.embed_batch(&ids, &model.image_features(p)?)?,
+        Images::VisionFeatures(f) => model.embed_batch(&ids, &model.projector.forward(f)?)?,
+        Images::None => {
+            let flat: Vec<u32> = ids
+                .iter()
+                .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, t - r.len())))
+                .collect();
+            model
+                .lm
+                .embed(&Tensor::from_vec(flat, (rows.len(), t), &dev)?)?
+        }
+    };
+    let pos = Positions::contiguous(rows.len(), t, 0, &dev)?;
+    let h = model
+        .lm
+        .forward_embeds(&e, &pos, &mut model.lm.new_cache())?;
+    let h = h
+        .reshape((rows.len() * t, h.dim(2)?))?
+        .index_select(&Tensor::new(at.as_slice(), &dev)?, 0)?;
+    let n = targets.len();
+    Ok((model.lm.logits(&h)?, Tensor::from_vec(targets, n, &dev)?))
+}
+
+/// A hash of `(seed, step, k)`: the augmentation of the k-th example of a
+/// step, the same on every run and after a resume.
+fn mix(seed: u64, step: u64, k: u64) -> u64 {
+    let mut z =
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Every image of a dataset decoded and preprocessed once (in parallel):
+/// easy-VQA's 5,000 images at 64² take 240 MB as f32. With a frozen vision
+/// tower, its features of every image (and flip) instead.
+struct ImageCache {
+    pixels: HashMap<PathBuf, Tensor>,
+    /// (path, flips) → (P, H_vision)
+    features: Option<HashMap<(PathBuf, u8), Tensor>>,
+    /// Blind training: batches carry no images.
+    blind: bool,
+}
+
+/// The most bytes of decoded pixels the cache holds.
+const MAX_CACHE_BYTES: usize = 4 << 30;
+
+impl ImageCache {
+    fn build<'a>(examples: impl Iterator<Item = &'a VqaExample>, pre: &Preprocess) -> Result<Self> {
+        use rayon::prelude::*;
+        let mut paths: Vec<&PathBuf> = examples.map(|e| &e.image).collect();
+        paths.sort();
+        paths.dedup();
+        let bytes = paths.len() * 3 * pre.crop.0 as usize * pre.crop.1 as usize * 4;
+        if bytes > MAX_CACHE_BYTES {
+            return Err(Error::Invalid(format!(
+                "{} images at {}×{} need {} MB decoded, more than the trainer keeps in memory ({} MB); use a smaller image_size or fewer images",
+                paths.len(), pre.crop.0, pre.crop.1, bytes >> 20, MAX_CACHE_BYTES >> 20
+            )));
+        }
+        let pixels = paths
+            .par_iter()
+            .map(|p| {
+                let img = load(p, ImageLimits::default())?;
+                Ok((
+                    (*p).clone(),
+                    pre.normalize(&pre.resize_crop(&img)?, &Device::Cpu)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            pixels,
+            features: None,
+            blind: false,
+        })
+    }
+
+    /// Runs the (frozen) vision tower once over every image with each of
+    /// `flips`, keeping the features and dropping the pixels.
+    fn precompute_features(&mut self, model: &Llava, flips: &[u8]) -> Result<()> {
+        let mut paths: Vec<PathBuf> = self.pixels.keys().cloned().collect();
+        paths.sort();
+        let mut features = HashMap::new();
+        let t0 = std::time::Instant::now();
+        for &f in flips {
+            for chunk in paths.chunks(64) {
+                let px = self.pixel_batch(chunk.iter(), &vec![f; chunk.len()])?;
+                let feats = model.vision_features(&px)?;
+                for (i, p) in chunk.iter().enumerate() {
+                    features.insert((p.clone(), f), feats.get(i)?);
+                }
+            }
+        }
+        tracing::info!(
+            "vision features of {} images × {} flips in {:.0} s",
+            paths.len(),
+            flips.len(),
+            t0.elapsed().as_secs_f64()
+        );
+        self.features = Some(features);
+        self.pixels.clear();
+        Ok(())
+    }
+
+    /// The batch's images, each flipped horizontally when bit 0 of its
+    /// `flips` entry is set and vertically when bit 1 is.
+    fn batch<'a>(
+        &self,
+        paths: impl Iterator<Item = &'a PathBuf>,
+        flips: &[u8],
+    ) -> Result<ImageBatch> {
+        if self.blind {
+            return Ok(ImageBatch::None);
+        }
+        let Some(features) = &self.features else {
+            return Ok(ImageBatch::Pixels(self.pixel_batch(paths, flips)?));
+        };
+        let rows = paths
+            .zip(flips)
+            .map(|(p, &f)| {
+                features.get(&(p.clone(), f)).cloned().ok_or_else(|| {
+                    Error::Invalid(format!("no features of {} (flip {f})", p.display()))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ImageBatch::VisionFeatures(Tensor::stack(&rows, 0)?))
+    }
+
+    /// (B, 3, S, S)
+    fn pixel_batch<'a>(
+        &self,
+        paths: impl Iterator<Item = &'a PathBuf>,
+        flips: &[u8],
+    ) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(flips.len());
+        for (p, &f) in paths.zip(flips) {
+            let mut x = self
+                .pixels
+                .get(p)
+                .ok_or_else(|| Error::Invalid(format!("{} was not decoded", p.display())))?
+                .clone();
+            for (bit, dim) in [(1u8, 2usize), (2, 1)] {
+                if f & bit != 0 {
+                    let n = x.dim(dim)?;
+                    let rev: Vec<u32> = (0..n as u32).rev().collect();
+                    x = x.index_select(&Tensor::new(rev.as_slice(), x.device())?, dim)?;
+                }
+            }
+            out.push(x);
+        }
+        Ok(Tensor::stack(&out, 0)?)
+    }
+}
+
+/// Initialises every variable as HF does for CLIP and Llama: biases 0, norm
+/// scales 1, everything else N(0, `std`²) from a generator seeded by
+/// `seed`, visited in name order so the same seed gives the same model.
+pub fn init_weights(vm: &VarMap, seed: u64, std: f64) -> Result<()> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("variable map poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f32, std as f32).map_err(|e| Error::Invalid(e.to_string()))?;
+    for name in names {
+        let v = &data[name];
+        let t = v.as_tensor();
+        let is_norm = t.rank() == 1
+            && (name.contains("norm") || name.contains("layrnorm"))
+            && name.ends_with("weight");
+        let value = if name.ends_with("bias") {
+            t.zeros_like()?
+        } else if is_norm {
+            t.ones_like()?
+        } else {
+            let n = t.elem_count();
+            let data: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+            Tensor::from_vec(data, t.shape(), t.device())?
+        };
+        v.set(&value)?;
+    }
+    Ok(())
+}
+
 /// Exact-match accuracy of a model on examples, overall and per answer kind
-/// (yes/no, color, shape, other).
+/// (yes/no, color, shape, other), with the confusion matrix of the answers.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EvalReport {
     pub examples: usize,
     pub accuracy: f64,
+    /// kind → (examples, accuracy)
     pub per_type: std::collections::BTreeMap<String, (usize, f64)>,
+    pub confusion: Confusion,
+    pub seconds: f64,
+}
+
+/// `counts[i][j]`: examples whose answer is `labels[i]` and that the model
+/// answered `labels[j]`. The labels are the true answers in sorted order,
+/// then `(other)` for any answer that is none of them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Confusion {
+    pub labels: Vec<String>,
+    pub counts: Vec<Vec<usize>>,
+}
+
+impl Confusion {
+    pub fn from_answers(truth: &[&str], predicted: &[String]) -> Self {
+        let mut labels: Vec<String> = truth.iter().map(|s| s.to_string()).collect();
+        labels.sort();
+        labels.dedup();
+        let other = labels.len();
+        labels.push("(other)".into());
+        let index = |s: &str| labels.iter().position(|l| l == s).unwrap_or(other);
+        let mut counts = vec![vec![0; labels.len()]; labels.len()];
+        for (t, p) in truth.iter().zip(predicted) {
+            counts[index(t)][index(p.trim())] += 1;
+        }
+        // Drop the `(other)` row: no true answer lands there.
+        counts.pop();
+        counts.iter_mut().for_each(|r| r.truncate(labels.len()));
+        Self { labels, counts }
+    }
+
+    /// Writes the matrix as a PNG heat map (the `(other)` column kept only
+    /// when some answer fell there).
+    pub fn plot(&self, path: &Path) -> Result<()> {
+        let n = self.counts.len();
+        let other_used = self.counts.iter().any(|r| r[n] > 0);
+        let (labels, counts): (Vec<String>, Vec<Vec<usize>>) = if other_used {
+            let mut c = self.counts.clone();
+            c.push(vec![0; n + 1]);
+            (self.labels.clone(), c)
+        } else {
+            (
+                self.labels[..n].to_vec(),
+                self.counts.iter().map(|r| r[..n].to_vec()).collect(),
+            )
+        };
+        super::plot::confusion_matrix(path, &labels, &counts)
+    }
 }
 
 pub fn answer_kind(answer: &str) -> &'static str {
@@ -270,23 +731,45 @@ pub fn answer_kind(answer: &str) -> &'static str {
     }
 }
 
+/// Asks the model every question (greedy, as `autoglm ask` does), the
+/// examples spread over the rayon threads.
 pub fn evaluate(model_dir: &Path, examples: &[VqaExample], device: &Device) -> Result<EvalReport> {
+    use rayon::prelude::*;
+    let t0 = std::time::Instant::now();
     let a = Assistant::load(model_dir, device)?;
     let cfg = GenerateConfig {
         max_new_tokens: 8,
         ..GenerateConfig::default()
     };
+    // A model trained blind (the ablation's baseline) is asked without images.
+    let blind = std::fs::read_to_string(model_dir.join("train_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["blind"] == true);
+    let answers = examples
+        .par_iter()
+        .map(|e| {
+            let imgs = if blind {
+                Vec::new()
+            } else {
+                vec![load(&e.image, ImageLimits::default())?]
+            };
+            Ok(
+                a.ask(&imgs, &e.question, &cfg, Overflow::Error, &mut |_| true)?
+                    .text,
+            )
+        })
+        .collect::<Result<Vec<String>>>()?;
     let mut per: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let mut correct = 0;
-    for e in examples {
-        let img = load(&e.image, ImageLimits::default())?;
-        let ans = a.ask(&[img], &e.question, &cfg, Overflow::Error, &mut |_| true)?;
-        let ok = ans.text.trim() == e.answer.trim();
+    for (e, ans) in examples.iter().zip(&answers) {
+        let ok = ans.trim() == e.answer.trim();
         correct += usize::from(ok);
         let entry = per.entry(answer_kind(&e.answer).to_string()).or_default();
         entry.0 += 1;
         entry.1 += usize::from(ok);
     }
+    let truth: Vec<&str> = examples.iter().map(|e| e.answer.trim()).collect();
     let n = examples.len().max(1);
     Ok(EvalReport {
         examples: examples.len(),
@@ -295,5 +778,7 @@ pub fn evaluate(model_dir: &Path, examples: &[VqaExample], device: &Device) -> R
             .into_iter()
             .map(|(k, (t, c))| (k, (t, c as f64 / t.max(1) as f64)))
             .collect(),
+        confusion: Confusion::from_answers(&truth, &answers),
+        seconds: t0.elapsed().as_secs_f64(),
     })
 }

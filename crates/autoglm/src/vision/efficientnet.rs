@@ -361,6 +361,32 @@ impl EfficientNet {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
+    /// The head's feature map as tokens, row-major: one 1280-wide token per
+    /// cell of the stride-32 map (4×4 = 16 at 128²). Run in chunks of 8 on
+    /// the CPU like [`Self::forward`].
+    ///
+    /// # Shapes
+    /// `x`: (B, 3, H, W), normalised → (B, ⌈H/32⌉·⌈W/32⌉, 1280)
+    pub fn head_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        const CPU_CHUNK: usize = 8;
+        let one = |x: &Tensor| -> Result<Tensor> {
+            let mut h = self.stem(x)?;
+            for block in self.stages.iter().flatten() {
+                h = block.forward(&h)?;
+            }
+            Ok(self.head.forward(&h)?.flatten(1, 2)?) // NHWC → (B, h·w, C)
+        };
+        let b = x.dim(0)?;
+        if !x.device().is_cpu() || b <= CPU_CHUNK {
+            return one(x);
+        }
+        let parts = (0..b)
+            .step_by(CPU_CHUNK)
+            .map(|i| one(&x.narrow(0, i, CPU_CHUNK.min(b - i))?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
     fn forward_chunk(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = self.stem(x)?;
         for block in self.stages.iter().flatten() {
