@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The demo (README): classify and embed the real sample photos with
-# EfficientNet-Lite0, and embed sentences with all-MiniLM-L6-v2.
+# EfficientNet-Lite0, embed sentences with all-MiniLM-L6-v2, then ask the
+# default model (models/autoglm-tiny) about sample easy-VQA images and
+# measure its accuracy on the easy-VQA test split.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 command -v cargo >/dev/null || { echo "demo: cargo not found; install Rust (https://rustup.rs)" >&2; exit 1; }
@@ -21,3 +23,17 @@ $AUTOGLM embed text "A cat sleeps on the sofa." "Un chat dort sur le canapé." "
 echo; echo "== the same as JSON (one document on stdout), cosine of the first two:"
 $AUTOGLM embed text --json "A cat sleeps on the sofa." "Un chat dort sur le canapé." \
   | python3 -c 'import json,sys; e=[x["embedding"] for x in json.load(sys.stdin)["embeddings"]]; print(round(sum(a*b for a,b in zip(*e)),4))'
+
+MODEL=models/autoglm-tiny
+SAMPLES=assets/samples/easy-vqa
+echo; echo "== ask the default model ($MODEL) about sample easy-VQA test images"
+python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    r = json.loads(l); print(r["image"], r["answer"], r["question"], sep="\t")' "$SAMPLES/questions.jsonl" | head -9 |
+while IFS=$'\t' read -r image expected question; do
+    answer=$($AUTOGLM ask --image "$SAMPLES/$image" "$question" 2>/dev/null)
+    printf '%-8s %-42s -> %-10s (expected %s)\n' "$image" "$question" "$answer" "$expected"
+done
+echo; echo "== the default model on all 18 sample questions, then on the whole easy-VQA test split"
+$AUTOGLM eval --data "$SAMPLES/questions.jsonl" --confusion "${TMPDIR:-/tmp}/autoglm-samples-confusion.png"
+$AUTOGLM eval --split test --confusion "${TMPDIR:-/tmp}/autoglm-test-confusion.png"

