@@ -57,9 +57,12 @@ for v in "${VARIANTS[@]}"; do
     # shellcheck disable=SC2086
     train_one $v &
     pending+=($!)
-    if (( ${#pending[@]} == 2 )); then wait "${pending[@]}"; pending=(); fi
+    if (( ${#pending[@]} == 2 )); then
+        for p in "${pending[@]}"; do wait "$p" || { echo "ablation: a run failed; see $OUT/*.log" >&2; exit 1; }; done
+        pending=()
+    fi
 done
-wait
+for p in "${pending[@]}"; do wait "$p" || { echo "ablation: a run failed; see $OUT/*.log" >&2; exit 1; }; done
 
 : >"$OUT/results.jsonl"
 for v in "${VARIANTS[@]}"; do

@@ -31,7 +31,8 @@ python3 -c 'import json,sys
 for l in open(sys.argv[1]):
     r = json.loads(l); print(r["image"], r["answer"], r["question"], sep="\t")' "$SAMPLES/questions.jsonl" | head -9 |
 while IFS=$'\t' read -r image expected question; do
-    answer=$($AUTOGLM ask --image "$SAMPLES/$image" "$question" 2>/dev/null)
+    answer=$($AUTOGLM ask --image "$SAMPLES/$image" "$question" 2>/dev/null) ||
+        { $AUTOGLM ask --image "$SAMPLES/$image" "$question" >/dev/null; exit 1; }
     printf '%-8s %-42s -> %-10s (expected %s)\n' "$image" "$question" "$answer" "$expected"
 done
 echo; echo "== the default model on all 18 sample questions, then on the whole easy-VQA test split"

@@ -95,7 +95,7 @@ pub(crate) fn model_dir(given: &Option<PathBuf>) -> Result<PathBuf> {
         return Ok(d.clone());
     }
     bail!(
-        "no default model: {DEFAULT_MODEL} was not found beside this binary ({}); pass --model DIR or set AUTOGLM_MODEL",
+        "no default model: {DEFAULT_MODEL} was not found beside this binary ({}); pass --model DIR, set AUTOGLM_MODEL, or train it: autoglm train --config configs/autoglm-tiny.json --out models/autoglm-tiny",
         tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     )
 }

@@ -46,6 +46,19 @@ pub fn train(g: &Global, a: TrainBenchArgs) -> Result<()> {
     // The tokenizer, template and preprocessing of the model; fresh weights.
     let asst = Assistant::load(&dir, &dev).context("loading the model")?;
     let cfg = asst.model.config.clone();
+    if cfg.vision_config.is_efficientnet() {
+        anyhow::bail!(
+            "{}: bench train measures a ViT model (its EfficientNet tower is frozen, and transformers has no LLaVA with it); train a ViT variant, e.g. `\"vision\": \"vit\"` in the training config",
+            dir.display()
+        );
+    }
+    if a.python.is_some() && cfg.projector_type != "mlp" {
+        anyhow::bail!(
+            "{}: projector `{}`; transformers' LLaVA has only the `mlp` projector, so the PyTorch side would train another model",
+            dir.display(),
+            cfg.projector_type
+        );
+    }
     let vm = VarMap::new();
     let model = Llava::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &cfg)?;
     init_weights(&vm, 0, 0.02)?;

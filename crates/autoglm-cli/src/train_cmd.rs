@@ -38,7 +38,7 @@ pub fn train(g: &Global, a: TrainArgs) -> Result<()> {
     let mut first: Option<(usize, f64)> = None;
     train_vqa(&cfg, &a.out, a.resume, &mut |m| {
         // Throughput since the first step this process ran (resume-aware).
-        let (s0, t0) = *first.get_or_insert((m.step - 1, m.seconds));
+        let (s0, t0) = *first.get_or_insert((m.step - 1, 0.0));
         let rate = ((m.step - s0) * cfg.batch_size) as f64 / (m.seconds - t0).max(1e-9);
         let eval = m
             .eval
@@ -94,9 +94,9 @@ pub struct EvalArgs {
     /// Evaluate only the first N examples (0 = all).
     #[arg(long, default_value_t = 0)]
     limit: usize,
-    /// Where to write the confusion matrix (PNG).
-    #[arg(long, default_value = "confusion.png")]
-    confusion: PathBuf,
+    /// Also draw the confusion matrix of the answers into this PNG.
+    #[arg(long)]
+    confusion: Option<PathBuf>,
 }
 
 pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
@@ -118,8 +118,8 @@ pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
     let dev = autoglm::default_device()?;
     let model = crate::ask::model_dir(&a.model)?;
     let r = evaluate(&model, &ex, &dev)?;
-    let plotted = r.confusion.plot(&a.confusion);
-    if let Err(e) = &plotted {
+    let plotted = a.confusion.as_ref().map(|p| (p, r.confusion.plot(p)));
+    if let Some((_, Err(e))) = &plotted {
         eprintln!("warning: no confusion matrix: {e}");
     }
     if g.json {
@@ -134,8 +134,8 @@ pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
             println!("  {k:<8} {:>6.2}%  ({n})", acc * 100.0);
         }
         println!("({} with {}, {:.0} s)", a.split, model.display(), r.seconds);
-        if plotted.is_ok() {
-            println!("confusion matrix: {}", a.confusion.display());
+        if let Some((p, Ok(()))) = &plotted {
+            println!("confusion matrix: {}", p.display());
         }
     }
     Ok(())

@@ -436,6 +436,7 @@ fn vqa_training_writes_a_usable_model() {
         checkpoint_every: 10,
         augment: true,
         open_first_steps: 3,
+        image_after_question: false,
         workers: 2,
         init_std: 0.02,
         held_out_images: 0,

@@ -221,7 +221,7 @@ impl ClipVisionConfig {
             if !matches!(t, "clip_vision_model" | "siglip_vision_model") {
                 return Err(invalid(
                     path,
-                    format!("vision_config.model_type `{t}` is not supported (clip_vision_model or {EFFICIENTNET_LITE0})"),
+                    format!("vision_config.model_type `{t}` is not supported (clip_vision_model, siglip_vision_model or {EFFICIENTNET_LITE0})"),
                 ));
             }
         }

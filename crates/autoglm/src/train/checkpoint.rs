@@ -54,10 +54,17 @@ pub fn save_checkpoint(
         path: path.to_path_buf(),
         msg: format!("cannot serialise the checkpoint: {e}"),
     })?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` so that a crash at any moment leaves either the
+/// old file or the new one: a temporary file beside it, fsynced, renamed
+/// over it, and the directory fsynced.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
@@ -72,6 +79,21 @@ pub fn save_checkpoint(
         }
     }
     Ok(())
+}
+
+/// Saves named tensors as an f32 safetensors file, atomically.
+pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut all: Vec<(&String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(candle_core::DType::F32)?)))
+        .collect::<Result<_>>()?;
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    let bytes = safetensors::serialize(all.iter().map(|(k, t)| (k.as_str(), TensorView(t))), None)
+        .map_err(|e| Error::Weights {
+            path: path.to_path_buf(),
+            msg: format!("cannot serialise the weights: {e}"),
+        })?;
+    write_atomic(path, &bytes)
 }
 
 /// Named tensors.

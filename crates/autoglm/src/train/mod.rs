@@ -14,7 +14,9 @@ pub mod schedule;
 pub mod trainer;
 pub mod vqa;
 
-pub use checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
+pub use checkpoint::{
+    load_checkpoint, save_checkpoint, save_safetensors_atomic, write_atomic, Checkpoint,
+};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use schedule::Schedule;
 pub use trainer::{Metrics, TrainConfig, Trainer};

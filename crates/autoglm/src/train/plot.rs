@@ -112,10 +112,15 @@ pub fn plot_metrics(dir: &Path) -> Result<()> {
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let (mut loss, mut acc) = (Vec::new(), Vec::new());
     let mut kinds: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
+    // A resumed run appends the steps after its checkpoint again: the last
+    // record of each step wins.
+    let mut by_step = std::collections::BTreeMap::new();
     for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            by_step.insert(v["step"].as_u64().unwrap_or(0), v);
+        }
+    }
+    for v in by_step.values() {
         let step = v["step"].as_f64().unwrap_or(0.0);
         if let Some(l) = v["loss"].as_f64() {
             loss.push((step, l));

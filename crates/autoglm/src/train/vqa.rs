@@ -55,9 +55,13 @@ pub struct VqaTrainConfig {
     #[serde(default)]
     pub max_train_examples: usize,
     pub image_size: usize,
+    #[serde(default)]
     pub patch_size: usize,
+    #[serde(default)]
     pub vision_hidden: usize,
+    #[serde(default)]
     pub vision_layers: usize,
+    #[serde(default)]
     pub vision_heads: usize,
     pub projector: String,
     pub text_hidden: usize,
@@ -75,9 +79,15 @@ pub struct VqaTrainConfig {
     pub eval_every: usize,
     #[serde(default)]
     pub checkpoint_every: usize,
-    /// Random horizontal and vertical flips of the training images.
+    /// Random horizontal flips of the training images (every easy-VQA
+    /// answer stays true; triangles point up, so no vertical flips).
     #[serde(default = "yes")]
     pub augment: bool,
+    /// The prompt puts the question before the image (the model's chat
+    /// template says so, and `ask` follows it), so that the decoder reads
+    /// the image knowing the question.
+    #[serde(default)]
+    pub image_after_question: bool,
     /// Steps at the start that train on open questions only (answers other
     /// than yes/no): a model that first learns to look at the image does
     /// not settle on what the question alone predicts.
@@ -126,6 +136,40 @@ impl VqaTrainConfig {
                 ),
             );
         }
+        if !effnet
+            && (self.patch_size == 0
+                || self.vision_hidden == 0
+                || self.vision_layers == 0
+                || self.vision_heads == 0)
+        {
+            return bad(
+                "patch_size/vision_hidden/vision_layers/vision_heads",
+                "a ViT needs all four, positive".into(),
+            );
+        }
+        if !effnet && (self.image_size < self.patch_size) {
+            return bad(
+                "image_size",
+                format!("smaller than patch_size {}", self.patch_size),
+            );
+        }
+        // The decoder's context (256 positions) must hold the image tokens
+        // and a question with its answer.
+        let image_tokens = if effnet {
+            (self.image_size / 32).pow(2)
+        } else {
+            self.image_size
+                .checked_div(self.patch_size)
+                .map_or(0, |g| g * g + 1)
+        };
+        if image_tokens > CONTEXT - 64 {
+            return bad(
+                "image_size",
+                format!(
+                    "{image_tokens} image tokens leave too little of the {CONTEXT}-token context for the question; use a smaller image or larger patches"
+                ),
+            );
+        }
         if effnet && (self.image_size == 0 || self.image_size % 32 != 0) {
             return bad(
                 "image_size",
@@ -154,6 +198,9 @@ impl VqaTrainConfig {
     }
 }
 
+/// Positions of the trained decoder.
+const CONTEXT: usize = 256;
+
 fn vit() -> String {
     "vit".into()
 }
@@ -172,6 +219,35 @@ fn init_std() -> f64 {
 
 fn held_out() -> usize {
     100
+}
+
+/// A resumed run must replay the same data, model and schedule shape as the
+/// run that wrote the checkpoint: only the length of the run and how often
+/// it evaluates and checkpoints may change.
+fn check_resume_config(saved: &Path, c: &VqaTrainConfig) -> Result<()> {
+    let mut old: serde_json::Value = crate::io::read_json(saved)?;
+    let mut new = serde_json::to_value(c).map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut changed = Vec::new();
+    if let (Some(o), Some(n)) = (old.as_object_mut(), new.as_object_mut()) {
+        for free in ["steps", "eval_every", "checkpoint_every"] {
+            o.remove(free);
+            n.remove(free);
+        }
+        for (k, v) in n.iter() {
+            if o.get(k) != Some(v) {
+                changed.push(k.clone());
+            }
+        }
+    }
+    if changed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "cannot resume: {} differ(s) from the run in {} (only steps, eval_every and checkpoint_every may change); start a new --out or restore the config",
+            changed.join(", "),
+            saved.display()
+        )))
+    }
 }
 
 /// (held out, rest): the examples of `n` images chosen by `seed` (at most a
@@ -197,7 +273,11 @@ const SPECIAL: [&str; 6] = [
     "<|im_start|>",
     "<|im_end|>",
 ];
+/// The chat template: parts in the order given (images first, as LLaVA).
 const TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+/// The same, but a turn's text before its images: the decoder then runs the
+/// image tokens after the question, so they can attend to it.
+const TEMPLATE_TEXT_FIRST: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] + '\\n' }}{% endif %}{% endfor %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 pub fn load_data(src: &DataSource, split: &str) -> Result<Vec<VqaExample>> {
     let (ex, report) = match src {
@@ -230,7 +310,7 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
         "text_config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": c.text_hidden,
             "intermediate_size": 4 * c.text_hidden, "num_hidden_layers": c.text_layers,
             "num_attention_heads": c.text_heads, "num_key_value_heads": c.text_kv_heads,
-            "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "max_position_embeddings": CONTEXT, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 5, "pad_token_id": 0}
     })
 }
@@ -260,8 +340,16 @@ pub fn train_vqa(
     if train.is_empty() {
         return Err(Error::Invalid("no training examples".into()));
     }
+    let cfg_path = out.join("train_config.json");
+    if resume && cfg_path.exists() {
+        check_resume_config(&cfg_path, c)?;
+    }
+    if !resume {
+        // A previous model here no longer matches the files written below.
+        let _ = std::fs::remove_file(out.join("model.safetensors"));
+    }
     write(
-        &out.join("train_config.json"),
+        &cfg_path,
         &serde_json::to_string_pretty(c).unwrap_or_default(),
     )?;
     // Tokenizer, template and processor: what `ask` loads.
@@ -280,7 +368,12 @@ pub fn train_vqa(
     }
     let tokenizer = Tokenizer::from_file(&tok_path, 1 << 20)?;
     let vocab = tokenizer.vocab_size();
-    write(&out.join("chat_template.jinja"), TEMPLATE)?;
+    let template_text = if c.image_after_question {
+        TEMPLATE_TEXT_FIRST
+    } else {
+        TEMPLATE
+    };
+    write(&out.join("chat_template.jinja"), template_text)?;
     write(
         &out.join("tokenizer_config.json"),
         &serde_json::json!({"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>"})
@@ -336,7 +429,7 @@ pub fn train_vqa(
         (Llava::new(vb, &cfg)?, None)
     };
     init_weights(&vm, c.seed, c.init_std)?;
-    let template = ChatTemplate::new(TEMPLATE, "<s>", "<|im_end|>")?;
+    let template = ChatTemplate::new(template_text, "<s>", "<|im_end|>")?;
     let end = tokenizer
         .token_id("<|im_end|>")
         .ok_or_else(|| Error::Invalid("tokenizer lacks <|im_end|>".into()))?;
@@ -354,8 +447,11 @@ pub fn train_vqa(
         answer.push(end);
         Ok(Encoded { prompt, answer })
     };
-    let mut images = ImageCache::build(train.iter().chain(&held_out), &pre)?;
-    images.blind = c.blind;
+    let mut images = if c.blind {
+        ImageCache::blind()
+    } else {
+        ImageCache::build(train.iter().chain(&held_out), &pre)?
+    };
     if effnet && !c.blind {
         let flips: &[u8] = if c.augment { &[0, 1] } else { &[0] };
         images.precompute_features(&model, flips)?;
@@ -400,7 +496,9 @@ pub fn train_vqa(
             (None, c.seed)
         };
         let n = pool.map_or(train.len(), <[usize]>::len);
-        let per_epoch = n.div_ceil(c.batch_size).max(1);
+        // Full batches only (the few examples left over at an epoch's end
+        // differ from epoch to epoch): every part of every step is equal.
+        let per_epoch = (n / c.batch_size).max(1);
         let order = epoch_order(n, seed, (step / per_epoch) as u64, true);
         let start = (step % per_epoch) * c.batch_size;
         order[start..(start + c.batch_size).min(n)]
@@ -476,33 +574,24 @@ pub fn train_vqa(
     if let Err(e) = super::plot::plot_metrics(out) {
         tracing::warn!("no plots: {e}");
     }
-    let tmp = out.join("model.safetensors.tmp");
-    match frozen_dir {
-        None => vm.save(&tmp)?,
-        Some(dir) => {
-            // The trained weights plus the frozen tower's, under `vision_tower.`.
-            let mut all: HashMap<String, Tensor> = vm
-                .data()
-                .lock()
-                .map_err(|_| Error::Invalid("variable map poisoned".into()))?
-                .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-                .collect();
-            let path = dir.join("model.safetensors");
-            // Without the ImageNet classifier, which the VLM does not use (5 MB).
-            for (n, t) in candle_core::safetensors::load(&path, &Device::Cpu)? {
-                if !n.starts_with("_fc.") {
-                    all.insert(format!("vision_tower.{n}"), t);
-                }
+    let mut all: HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("variable map poisoned".into()))?
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    if let Some(dir) = frozen_dir {
+        // The frozen tower's weights under `vision_tower.`, without the
+        // ImageNet classifier the VLM does not use (5 MB).
+        for (n, t) in candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)? {
+            if !n.starts_with("_fc.") {
+                all.insert(format!("vision_tower.{n}"), t);
             }
-            candle_core::safetensors::save(&all, &tmp)?;
         }
     }
-    std::fs::rename(&tmp, out.join("model.safetensors")).map_err(|e| Error::io(out, e))?;
-    let frozen_params = match &model.vision {
-        VisionTower::EfficientNet(_) => model_params(&out.join("model.safetensors"))? - all_params,
-        VisionTower::Clip(_) => 0,
-    };
+    super::save_safetensors_atomic(&out.join("model.safetensors"), &all)?;
+    let frozen_params = all.values().map(Tensor::elem_count).sum::<usize>() - all_params;
     let summary = serde_json::json!({
         "trainable_params": trainable,
         "frozen_params": frozen_params,
@@ -512,19 +601,13 @@ pub fn train_vqa(
         "train_examples": train.len(),
         "held_out_examples": held_out.len(),
     });
-    write(
+    super::write_atomic(
         &out.join("train_summary.json"),
-        &serde_json::to_string_pretty(&summary).unwrap_or_default(),
+        serde_json::to_string_pretty(&summary)
+            .unwrap_or_default()
+            .as_bytes(),
     )?;
     Ok(())
-}
-
-/// Elements of every tensor in a safetensors file.
-fn model_params(path: &Path) -> Result<usize> {
-    Ok(candle_core::safetensors::load(path, &Device::Cpu)?
-        .values()
-        .map(Tensor::elem_count)
-        .sum())
 }
 
 /// The prompt ids (image expanded) and the answer ids (ending with the end
@@ -634,6 +717,15 @@ struct ImageCache {
 const MAX_CACHE_BYTES: usize = 4 << 30;
 
 impl ImageCache {
+    /// For blind training: no images at all.
+    fn blind() -> Self {
+        Self {
+            pixels: HashMap::new(),
+            features: None,
+            blind: true,
+        }
+    }
+
     fn build<'a>(examples: impl Iterator<Item = &'a VqaExample>, pre: &Preprocess) -> Result<Self> {
         use rayon::prelude::*;
         let mut paths: Vec<&PathBuf> = examples.map(|e| &e.image).collect();
@@ -875,7 +967,9 @@ pub fn evaluate(model_dir: &Path, examples: &[VqaExample], device: &Device) -> R
     for (e, ans) in examples.iter().zip(&answers) {
         let ok = ans.trim() == e.answer.trim();
         correct += usize::from(ok);
-        let entry = per.entry(answer_kind(&e.answer).to_string()).or_default();
+        let entry = per
+            .entry(answer_kind(e.answer.trim()).to_string())
+            .or_default();
         entry.0 += 1;
         entry.1 += usize::from(ok);
     }
