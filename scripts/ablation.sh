@@ -3,16 +3,19 @@
 # easy-VQA with the same decoder, data, seed and steps, evaluate it on the
 # whole test split, and print the table (markdown) and results.jsonl.
 #
-# Usage: scripts/ablation.sh [OUT_DIR] [STEPS]
+# Usage: [JOBS=N] scripts/ablation.sh [OUT_DIR] [STEPS]
 #   OUT_DIR  where the models go (default target/ablation)
 #   STEPS    optimizer steps per variant, batch 32 (default 2000)
-#
-# Two variants train at a time, one thread each (on a model this small, two
-# single-threaded runs get more done than one run on two threads).
+#   JOBS     variants trained at a time, one thread each (default 2: on a
+#            model this small, two single-threaded runs get more done than
+#            one run on two threads)
+# A variant whose train_summary.json exists is not trained again; an
+# interrupted one resumes from its checkpoint.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-target/ablation}
 STEPS=${2:-2000}
+JOBS=${JOBS:-2}
 AUTOGLM=target/release/autoglm
 cargo build --release --locked -p autoglm-cli
 scripts/fetch-assets.sh --only easy-vqa,efficientnet-lite0,fonts >/dev/null
@@ -57,7 +60,7 @@ for v in "${VARIANTS[@]}"; do
     # shellcheck disable=SC2086
     train_one $v &
     pending+=($!)
-    if (( ${#pending[@]} == 2 )); then
+    if (( ${#pending[@]} == JOBS )); then
         for p in "${pending[@]}"; do wait "$p" || { echo "ablation: a run failed; see $OUT/*.log" >&2; exit 1; }; done
         pending=()
     fi

@@ -61,7 +61,7 @@ pub fn train(g: &Global, a: TrainBenchArgs) -> Result<()> {
     }
     let vm = VarMap::new();
     let model = Llava::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &cfg)?;
-    init_weights(&vm, 0, 0.02)?;
+    init_weights(&vm, 0, None)?;
     let vars: Vec<_> = {
         let data = vm.data().lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         let mut v: Vec<_> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();

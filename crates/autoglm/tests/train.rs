@@ -438,7 +438,7 @@ fn vqa_training_writes_a_usable_model() {
         open_first_steps: 3,
         image_after_question: false,
         workers: 2,
-        init_std: 0.02,
+        init_std: None,
         held_out_images: 0,
     };
     let dir = tempfile::tempdir().unwrap();
