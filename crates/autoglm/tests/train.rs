@@ -410,36 +410,19 @@ fn trainer_smoke_on_easy_vqa() {
 #[test]
 fn vqa_training_writes_a_usable_model() {
     use autoglm::train::vqa::{evaluate, load_data, train_vqa, DataSource, VqaTrainConfig};
-    let cfg = |steps| VqaTrainConfig {
-        data: DataSource::EasyVqa,
-        vision: "vit".into(),
-        blind: false,
-        max_train_examples: 64,
-        image_size: 16,
-        patch_size: 8,
-        vision_hidden: 16,
-        vision_layers: 1,
-        vision_heads: 2,
-        projector: "mlp".into(),
-        text_hidden: 32,
-        text_layers: 1,
-        text_heads: 2,
-        text_kv_heads: 1,
-        vocab_size: 200,
-        steps,
-        batch_size: 4,
-        peak_lr: 3e-3,
-        warmup_steps: 2,
-        clip_norm: 1.0,
-        seed: 1,
-        eval_every: 0,
-        checkpoint_every: 10,
-        augment: true,
-        open_first_steps: 3,
-        image_after_question: false,
-        workers: 2,
-        init_std: None,
-        held_out_images: 0,
+    // Two workers, the open-questions-first curriculum and flips: the
+    // paths the default model's training takes, on a tiny ViT.
+    let cfg = |steps: usize| -> VqaTrainConfig {
+        serde_json::from_value(serde_json::json!({
+            "data": {"kind": "easy-vqa"}, "vision": "vit", "max_train_examples": 64,
+            "image_size": 16, "patch_size": 8, "vision_hidden": 16, "vision_layers": 1,
+            "vision_heads": 2, "projector": "mlp", "text_hidden": 32, "text_layers": 1,
+            "text_heads": 2, "text_kv_heads": 1, "vocab_size": 200, "steps": steps,
+            "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 2, "clip_norm": 1.0, "seed": 1,
+            "checkpoint_every": 10, "open_first_steps": 3, "workers": 2, "held_out_images": 0,
+            "balance_answers": true
+        }))
+        .unwrap()
     };
     let dir = tempfile::tempdir().unwrap();
     let mut losses = Vec::new();
