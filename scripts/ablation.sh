@@ -6,6 +6,10 @@
 # Usage: [JOBS=N] scripts/ablation.sh [OUT_DIR] [STEPS]
 #   OUT_DIR  where the models go (default target/ablation)
 #   STEPS    optimizer steps per variant, batch 32 (default 2000)
+#   TEXT_FIRST  true (default): the question before the image, as the
+#            default model; false: LLaVA's order
+#   ONLY     space-separated variant names to train and evaluate (default:
+#            all); the table lists every variant that has results
 #   JOBS     variants trained at a time, one thread each (default 2: on a
 #            model this small, two single-threaded runs get more done than
 #            one run on two threads)
@@ -16,6 +20,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-target/ablation}
 STEPS=${2:-2000}
 JOBS=${JOBS:-2}
+TEXT_FIRST=${TEXT_FIRST:-true}
+ONLY=${ONLY:-}
 AUTOGLM=target/release/autoglm
 cargo build --release --locked -p autoglm-cli
 scripts/fetch-assets.sh --only easy-vqa,efficientnet-lite0,fonts >/dev/null
@@ -34,15 +40,16 @@ VARIANTS=(
 )
 
 config() { # name vision projector blind
-    local size=64
-    [[ $2 == efficientnet-lite0 ]] && size=128
+    # The default model's recipe (configs/autoglm-tiny.json) but for the
+    # vision tower, the projector and the steps. EfficientNet at 64² gives
+    # 2×2 = 4 image tokens; the ViT 4×4 patches + the class token.
     cat <<JSON
-{"data": {"kind": "easy-vqa"}, "vision": "$2", "blind": $4,
- "image_size": $size, "patch_size": 16, "vision_hidden": 128, "vision_layers": 3, "vision_heads": 4,
+{"data": {"kind": "easy-vqa"}, "vision": "$2", "blind": $4, "image_after_question": $TEXT_FIRST,
+ "image_size": 64, "patch_size": 16, "vision_hidden": 128, "vision_layers": 3, "vision_heads": 4,
  "projector": "$3",
  "text_hidden": 128, "text_layers": 3, "text_heads": 4, "text_kv_heads": 2, "vocab_size": 600,
  "steps": $STEPS, "batch_size": 32, "peak_lr": 2e-3, "warmup_steps": 100, "clip_norm": 1.0,
- "open_first_steps": 200, "seed": 0, "eval_every": 250, "checkpoint_every": 500}
+ "open_first_steps": 300, "seed": 0, "eval_every": 250, "checkpoint_every": 500}
 JSON
 }
 
@@ -55,8 +62,11 @@ train_one() { # name vision projector blind
     echo "trained $1"
 }
 
+selected() { [[ -z $ONLY || " $ONLY " == *" $1 "* ]]; }
+
 pending=()
 for v in "${VARIANTS[@]}"; do
+    selected "${v%% *}" || continue
     # shellcheck disable=SC2086
     train_one $v &
     pending+=($!)
@@ -70,11 +80,13 @@ for p in "${pending[@]}"; do wait "$p" || { echo "ablation: a run failed; see $O
 : >"$OUT/results.jsonl"
 for v in "${VARIANTS[@]}"; do
     read -r name _ <<<"$v"
-    if [[ ! -f $OUT/$name/eval.json ]]; then
+    [[ -f $OUT/$name/train_summary.json ]] || continue
+    if [[ ! -f $OUT/$name/eval.json ]] && selected "$name"; then
         RAYON_NUM_THREADS=2 $AUTOGLM eval --json --model "$OUT/$name" --split test \
             --confusion "$OUT/$name/confusion.png" >"$OUT/$name/eval.json.tmp"
         mv "$OUT/$name/eval.json.tmp" "$OUT/$name/eval.json"
     fi
+    [[ -f $OUT/$name/eval.json ]] || continue
     python3 - "$name" "$OUT/$name" >>"$OUT/results.jsonl" <<'PY'
 import json, sys
 name, d = sys.argv[1], sys.argv[2]
