@@ -8,6 +8,8 @@
 //! what an uninterrupted run would have done.
 
 pub mod checkpoint;
+pub mod eval;
+mod images;
 pub mod optim;
 pub mod plot;
 pub mod schedule;

@@ -1,30 +1,31 @@
-//! Training a VLM for visual question answering from scratch: a byte-level
-//! BPE tokenizer trained on the questions, a CLIP-layout ViT, a projector and
-//! a Llama-layout decoder, trained to produce the answer after a chat-template
-//! prompt with the image before the question. The output directory is a HF
-//! LLaVA-layout model that `ask` and `eval` load.
+//! Training a VLM for visual question answering: a byte-level BPE
+//! tokenizer trained on the questions, a vision tower (a CLIP-layout ViT
+//! trained from scratch, or the pretrained EfficientNet-Lite0 kept frozen),
+//! a projector and a Llama-layout decoder, trained to produce the answer
+//! after a chat-template prompt. The output directory is a HF LLaVA-layout
+//! model that `ask` and `eval` load.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
+use super::images::ImageCache;
 use super::{AdamWConfig, Metrics, Schedule, TrainConfig, Trainer};
-use crate::assistant::{Assistant, Overflow};
 use crate::config::LlavaConfig;
 use crate::data::loader::epoch_order;
 use crate::data::{easy_vqa, jsonl, VqaExample};
-use crate::io::image::{load, ImageLimits};
 use crate::io::preprocess::{CropRounding, Preprocess, Resample};
 use crate::io::weights::Safetensors;
 use crate::text::chat::ChatTemplate;
-use crate::text::generate::GenerateConfig;
 use crate::text::llama::Positions;
 use crate::text::tokenizer::Tokenizer;
 use crate::vision::efficientnet::{EfficientNet, EfficientNetConfig};
 use crate::vlm::{Llava, VisionTower};
 use crate::{Error, Result};
+
+pub use super::eval::{answer_kind, evaluate, Confusion, EvalReport};
 
 /// Where the examples come from.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -461,16 +462,7 @@ pub fn train_vqa(
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     // The frozen EfficientNet's weights stay out of the VarMap: nothing
     // trains them, and they are added to the saved model at the end.
-    let (model, frozen_dir) = if effnet {
-        let dir = crate::io::assets::dir("efficientnet-lite0")?;
-        let mut ec = EfficientNetConfig::lite0();
-        ec.image_size = c.image_size;
-        let evb = Safetensors::open_dir(&dir)?.var_builder(DType::F32, &Device::Cpu);
-        let tower = VisionTower::EfficientNet(EfficientNet::new(evb, &ec)?);
-        (Llava::with_vision(tower, vb, &cfg)?, Some(dir))
-    } else {
-        (Llava::new(vb, &cfg)?, None)
-    };
+    let (model, frozen_dir) = build_model(vb, &cfg, effnet, c.image_size)?;
     init_weights(&vm, c.seed, c.init_std)?;
     let template = ChatTemplate::new(template_text, "<s>", "<|im_end|>")?;
     let end = tokenizer
@@ -617,23 +609,7 @@ pub fn train_vqa(
     if let Err(e) = super::plot::plot_metrics(out) {
         tracing::warn!("no plots: {e}");
     }
-    let mut all: HashMap<String, Tensor> = vm
-        .data()
-        .lock()
-        .map_err(|_| Error::Invalid("variable map poisoned".into()))?
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    if let Some(dir) = frozen_dir {
-        // The frozen tower's weights under `vision_tower.`, without the
-        // ImageNet classifier the VLM does not use (5 MB).
-        for (n, t) in candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)? {
-            if !n.starts_with("_fc.") {
-                all.insert(format!("vision_tower.{n}"), t);
-            }
-        }
-    }
-    super::save_safetensors_atomic(&out.join("model.safetensors"), &all)?;
+    let all = save_weights(&vm, frozen_dir.as_deref(), out)?;
     let frozen_params = all.values().map(Tensor::elem_count).sum::<usize>() - all_params;
     let summary = serde_json::json!({
         "trainable_params": trainable,
@@ -651,6 +627,53 @@ pub fn train_vqa(
             .as_bytes(),
     )?;
     Ok(())
+}
+
+/// The model to train: projector and decoder in `vb` (the VarMap), around
+/// a ViT in `vb` too, or the frozen EfficientNet-Lite0 loaded from the
+/// assets (returned with its directory, whose weights join the saved model).
+fn build_model(
+    vb: VarBuilder,
+    cfg: &LlavaConfig,
+    effnet: bool,
+    image_size: usize,
+) -> Result<(Llava, Option<std::path::PathBuf>)> {
+    if !effnet {
+        return Ok((Llava::new(vb, cfg)?, None));
+    }
+    let dir = crate::io::assets::dir("efficientnet-lite0")?;
+    let mut ec = EfficientNetConfig::lite0();
+    ec.image_size = image_size;
+    let evb = Safetensors::open_dir(&dir)?.var_builder(DType::F32, &Device::Cpu);
+    let tower = VisionTower::EfficientNet(EfficientNet::new(evb, &ec)?);
+    Ok((Llava::with_vision(tower, vb, cfg)?, Some(dir)))
+}
+
+/// Writes `out/model.safetensors` atomically: the trained variables, plus
+/// a frozen tower's weights under `vision_tower.` (without the ImageNet
+/// classifier, which the VLM does not use: 5 MB). Returns what it wrote.
+fn save_weights(
+    vm: &VarMap,
+    frozen_dir: Option<&Path>,
+    out: &Path,
+) -> Result<HashMap<String, Tensor>> {
+    let mut all: HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("variable map poisoned".into()))?
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    if let Some(dir) = frozen_dir {
+        let path = dir.join("model.safetensors");
+        for (n, t) in candle_core::safetensors::load(path, &Device::Cpu)? {
+            if !n.starts_with("_fc.") {
+                all.insert(format!("vision_tower.{n}"), t);
+            }
+        }
+    }
+    super::save_safetensors_atomic(&out.join("model.safetensors"), &all)?;
+    Ok(all)
 }
 
 /// The prompt ids (image expanded) and the answer ids (ending with the end
@@ -745,136 +768,6 @@ fn mix(seed: u64, step: u64, k: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Every image of a dataset decoded and preprocessed once (in parallel):
-/// easy-VQA's 5,000 images at 64² take 240 MB as f32. With a frozen vision
-/// tower, its features of every image (and flip) instead.
-struct ImageCache {
-    pixels: HashMap<PathBuf, Tensor>,
-    /// (path, flips) → (P, H_vision)
-    features: Option<HashMap<(PathBuf, u8), Tensor>>,
-    /// Blind training: batches carry no images.
-    blind: bool,
-}
-
-/// The most bytes of decoded pixels the cache holds.
-const MAX_CACHE_BYTES: usize = 4 << 30;
-
-impl ImageCache {
-    /// For blind training: no images at all.
-    fn blind() -> Self {
-        Self {
-            pixels: HashMap::new(),
-            features: None,
-            blind: true,
-        }
-    }
-
-    fn build<'a>(examples: impl Iterator<Item = &'a VqaExample>, pre: &Preprocess) -> Result<Self> {
-        use rayon::prelude::*;
-        let mut paths: Vec<&PathBuf> = examples.map(|e| &e.image).collect();
-        paths.sort();
-        paths.dedup();
-        let bytes = paths.len() * 3 * pre.crop.0 as usize * pre.crop.1 as usize * 4;
-        if bytes > MAX_CACHE_BYTES {
-            return Err(Error::Invalid(format!(
-                "{} images at {}×{} need {} MB decoded, more than the trainer keeps in memory ({} MB); use a smaller image_size or fewer images",
-                paths.len(), pre.crop.0, pre.crop.1, bytes >> 20, MAX_CACHE_BYTES >> 20
-            )));
-        }
-        let pixels = paths
-            .par_iter()
-            .map(|p| {
-                let img = load(p, ImageLimits::default())?;
-                Ok((
-                    (*p).clone(),
-                    pre.normalize(&pre.resize_crop(&img)?, &Device::Cpu)?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            pixels,
-            features: None,
-            blind: false,
-        })
-    }
-
-    /// Runs the (frozen) vision tower once over every image with each of
-    /// `flips`, keeping the features and dropping the pixels.
-    fn precompute_features(&mut self, model: &Llava, flips: &[u8]) -> Result<()> {
-        let mut paths: Vec<PathBuf> = self.pixels.keys().cloned().collect();
-        paths.sort();
-        let mut features = HashMap::new();
-        let t0 = std::time::Instant::now();
-        for &f in flips {
-            for chunk in paths.chunks(64) {
-                let px = self.pixel_batch(chunk.iter(), &vec![f; chunk.len()])?;
-                let feats = model.vision_features(&px)?;
-                for (i, p) in chunk.iter().enumerate() {
-                    features.insert((p.clone(), f), feats.get(i)?);
-                }
-            }
-        }
-        tracing::info!(
-            "vision features of {} images × {} flips in {:.0} s",
-            paths.len(),
-            flips.len(),
-            t0.elapsed().as_secs_f64()
-        );
-        self.features = Some(features);
-        self.pixels.clear();
-        Ok(())
-    }
-
-    /// The batch's images, each flipped horizontally when bit 0 of its
-    /// `flips` entry is set and vertically when bit 1 is.
-    fn batch<'a>(
-        &self,
-        paths: impl Iterator<Item = &'a PathBuf>,
-        flips: &[u8],
-    ) -> Result<ImageBatch> {
-        if self.blind {
-            return Ok(ImageBatch::None);
-        }
-        let Some(features) = &self.features else {
-            return Ok(ImageBatch::Pixels(self.pixel_batch(paths, flips)?));
-        };
-        let rows = paths
-            .zip(flips)
-            .map(|(p, &f)| {
-                features.get(&(p.clone(), f)).cloned().ok_or_else(|| {
-                    Error::Invalid(format!("no features of {} (flip {f})", p.display()))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ImageBatch::VisionFeatures(Tensor::stack(&rows, 0)?))
-    }
-
-    /// (B, 3, S, S)
-    fn pixel_batch<'a>(
-        &self,
-        paths: impl Iterator<Item = &'a PathBuf>,
-        flips: &[u8],
-    ) -> Result<Tensor> {
-        let mut out = Vec::with_capacity(flips.len());
-        for (p, &f) in paths.zip(flips) {
-            let mut x = self
-                .pixels
-                .get(p)
-                .ok_or_else(|| Error::Invalid(format!("{} was not decoded", p.display())))?
-                .clone();
-            for (bit, dim) in [(1u8, 2usize), (2, 1)] {
-                if f & bit != 0 {
-                    let n = x.dim(dim)?;
-                    let rev: Vec<u32> = (0..n as u32).rev().collect();
-                    x = x.index_select(&Tensor::new(rev.as_slice(), x.device())?, dim)?;
-                }
-            }
-            out.push(x);
-        }
-        Ok(Tensor::stack(&out, 0)?)
-    }
-}
-
 /// Initialises every variable: biases 0, norm scales 1, everything else
 /// N(0, σ²) with σ = `std`, or 1/√fan-in when `std` is `None` (fan-in: the
 /// product of all dimensions but the first — a Linear's input width, an
@@ -912,125 +805,4 @@ pub fn init_weights(vm: &VarMap, seed: u64, std: Option<f64>) -> Result<()> {
         v.set(&value)?;
     }
     Ok(())
-}
-
-/// Exact-match accuracy of a model on examples, overall and per answer kind
-/// (yes/no, color, shape, other), with the confusion matrix of the answers.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct EvalReport {
-    pub examples: usize,
-    pub accuracy: f64,
-    /// kind → (examples, accuracy)
-    pub per_type: std::collections::BTreeMap<String, (usize, f64)>,
-    pub confusion: Confusion,
-    pub seconds: f64,
-}
-
-/// `counts[i][j]`: examples whose answer is `labels[i]` and that the model
-/// answered `labels[j]`. The labels are the true answers in sorted order,
-/// then `(other)` for any answer that is none of them.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Confusion {
-    pub labels: Vec<String>,
-    pub counts: Vec<Vec<usize>>,
-}
-
-impl Confusion {
-    pub fn from_answers(truth: &[&str], predicted: &[String]) -> Self {
-        let mut labels: Vec<String> = truth.iter().map(|s| s.to_string()).collect();
-        labels.sort();
-        labels.dedup();
-        let other = labels.len();
-        labels.push("(other)".into());
-        let index = |s: &str| labels.iter().position(|l| l == s).unwrap_or(other);
-        let mut counts = vec![vec![0; labels.len()]; labels.len()];
-        for (t, p) in truth.iter().zip(predicted) {
-            counts[index(t)][index(p.trim())] += 1;
-        }
-        // Drop the `(other)` row: no true answer lands there.
-        counts.pop();
-        counts.iter_mut().for_each(|r| r.truncate(labels.len()));
-        Self { labels, counts }
-    }
-
-    /// Writes the matrix as a PNG heat map (the `(other)` column kept only
-    /// when some answer fell there).
-    pub fn plot(&self, path: &Path) -> Result<()> {
-        let n = self.counts.len();
-        let other_used = self.counts.iter().any(|r| r[n] > 0);
-        let (labels, counts): (Vec<String>, Vec<Vec<usize>>) = if other_used {
-            let mut c = self.counts.clone();
-            c.push(vec![0; n + 1]);
-            (self.labels.clone(), c)
-        } else {
-            (
-                self.labels[..n].to_vec(),
-                self.counts.iter().map(|r| r[..n].to_vec()).collect(),
-            )
-        };
-        super::plot::confusion_matrix(path, &labels, &counts)
-    }
-}
-
-pub fn answer_kind(answer: &str) -> &'static str {
-    match answer {
-        "yes" | "no" => "yes/no",
-        "red" | "green" | "blue" | "black" | "gray" | "teal" | "brown" | "yellow" => "color",
-        "circle" | "rectangle" | "triangle" => "shape",
-        _ => "other",
-    }
-}
-
-/// Asks the model every question (greedy, as `autoglm ask` does), the
-/// examples spread over the rayon threads.
-pub fn evaluate(model_dir: &Path, examples: &[VqaExample], device: &Device) -> Result<EvalReport> {
-    use rayon::prelude::*;
-    let t0 = std::time::Instant::now();
-    let a = Assistant::load(model_dir, device)?;
-    let cfg = GenerateConfig {
-        max_new_tokens: 8,
-        ..GenerateConfig::default()
-    };
-    // A model trained blind (the ablation's baseline) is asked without images.
-    let blind = std::fs::read_to_string(model_dir.join("train_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["blind"] == true);
-    let answers = examples
-        .par_iter()
-        .map(|e| {
-            let imgs = if blind {
-                Vec::new()
-            } else {
-                vec![load(&e.image, ImageLimits::default())?]
-            };
-            Ok(
-                a.ask(&imgs, &e.question, &cfg, Overflow::Error, &mut |_| true)?
-                    .text,
-            )
-        })
-        .collect::<Result<Vec<String>>>()?;
-    let mut per: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-    let mut correct = 0;
-    for (e, ans) in examples.iter().zip(&answers) {
-        let ok = ans.trim() == e.answer.trim();
-        correct += usize::from(ok);
-        let entry = per
-            .entry(answer_kind(e.answer.trim()).to_string())
-            .or_default();
-        entry.0 += 1;
-        entry.1 += usize::from(ok);
-    }
-    let truth: Vec<&str> = examples.iter().map(|e| e.answer.trim()).collect();
-    let n = examples.len().max(1);
-    Ok(EvalReport {
-        examples: examples.len(),
-        accuracy: correct as f64 / n as f64,
-        per_type: per
-            .into_iter()
-            .map(|(k, (t, c))| (k, (t, c as f64 / t.max(1) as f64)))
-            .collect(),
-        confusion: Confusion::from_answers(&truth, &answers),
-        seconds: t0.elapsed().as_secs_f64(),
-    })
 }

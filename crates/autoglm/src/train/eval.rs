@@ -1,0 +1,134 @@
+//! Evaluation of a VQA model: every question asked as `autoglm ask` asks
+//! it (greedy), exact match overall and per answer kind, and the confusion
+//! matrix of the answers.
+
+use std::path::Path;
+
+use candle_core::Device;
+
+use crate::assistant::{Assistant, Overflow};
+use crate::data::VqaExample;
+use crate::io::image::{load, ImageLimits};
+use crate::text::generate::GenerateConfig;
+use crate::Result;
+
+/// Exact-match accuracy of a model on examples, overall and per answer kind
+/// (yes/no, color, shape, other), with the confusion matrix of the answers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalReport {
+    pub examples: usize,
+    pub accuracy: f64,
+    /// kind → (examples, accuracy)
+    pub per_type: std::collections::BTreeMap<String, (usize, f64)>,
+    pub confusion: Confusion,
+    pub seconds: f64,
+}
+
+/// `counts[i][j]`: examples whose answer is `labels[i]` and that the model
+/// answered `labels[j]`. The labels are the true answers in sorted order,
+/// then `(other)` for any answer that is none of them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Confusion {
+    pub labels: Vec<String>,
+    pub counts: Vec<Vec<usize>>,
+}
+
+impl Confusion {
+    pub fn from_answers(truth: &[&str], predicted: &[String]) -> Self {
+        let mut labels: Vec<String> = truth.iter().map(|s| s.to_string()).collect();
+        labels.sort();
+        labels.dedup();
+        let other = labels.len();
+        labels.push("(other)".into());
+        let index = |s: &str| labels.iter().position(|l| l == s).unwrap_or(other);
+        let mut counts = vec![vec![0; labels.len()]; labels.len()];
+        for (t, p) in truth.iter().zip(predicted) {
+            counts[index(t)][index(p.trim())] += 1;
+        }
+        // Drop the `(other)` row: no true answer lands there.
+        counts.pop();
+        counts.iter_mut().for_each(|r| r.truncate(labels.len()));
+        Self { labels, counts }
+    }
+
+    /// Writes the matrix as a PNG heat map (the `(other)` column kept only
+    /// when some answer fell there).
+    pub fn plot(&self, path: &Path) -> Result<()> {
+        let n = self.counts.len();
+        let other_used = self.counts.iter().any(|r| r[n] > 0);
+        let (labels, counts): (Vec<String>, Vec<Vec<usize>>) = if other_used {
+            let mut c = self.counts.clone();
+            c.push(vec![0; n + 1]);
+            (self.labels.clone(), c)
+        } else {
+            (
+                self.labels[..n].to_vec(),
+                self.counts.iter().map(|r| r[..n].to_vec()).collect(),
+            )
+        };
+        super::plot::confusion_matrix(path, &labels, &counts)
+    }
+}
+
+pub fn answer_kind(answer: &str) -> &'static str {
+    match answer {
+        "yes" | "no" => "yes/no",
+        "red" | "green" | "blue" | "black" | "gray" | "teal" | "brown" | "yellow" => "color",
+        "circle" | "rectangle" | "triangle" => "shape",
+        _ => "other",
+    }
+}
+
+/// Asks the model every question (greedy, as `autoglm ask` does), the
+/// examples spread over the rayon threads.
+pub fn evaluate(model_dir: &Path, examples: &[VqaExample], device: &Device) -> Result<EvalReport> {
+    use rayon::prelude::*;
+    let t0 = std::time::Instant::now();
+    let a = Assistant::load(model_dir, device)?;
+    let cfg = GenerateConfig {
+        max_new_tokens: 8,
+        ..GenerateConfig::default()
+    };
+    // A model trained blind (the ablation's baseline) is asked without images.
+    let blind = std::fs::read_to_string(model_dir.join("train_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["blind"] == true);
+    let answers = examples
+        .par_iter()
+        .map(|e| {
+            let imgs = if blind {
+                Vec::new()
+            } else {
+                vec![load(&e.image, ImageLimits::default())?]
+            };
+            Ok(
+                a.ask(&imgs, &e.question, &cfg, Overflow::Error, &mut |_| true)?
+                    .text,
+            )
+        })
+        .collect::<Result<Vec<String>>>()?;
+    let mut per: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    let mut correct = 0;
+    for (e, ans) in examples.iter().zip(&answers) {
+        let ok = ans.trim() == e.answer.trim();
+        correct += usize::from(ok);
+        let entry = per
+            .entry(answer_kind(e.answer.trim()).to_string())
+            .or_default();
+        entry.0 += 1;
+        entry.1 += usize::from(ok);
+    }
+    let truth: Vec<&str> = examples.iter().map(|e| e.answer.trim()).collect();
+    let n = examples.len().max(1);
+    Ok(EvalReport {
+        examples: examples.len(),
+        accuracy: correct as f64 / n as f64,
+        per_type: per
+            .into_iter()
+            .map(|(k, (t, c))| (k, (t, c as f64 / t.max(1) as f64)))
+            .collect(),
+        confusion: Confusion::from_answers(&truth, &answers),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
