@@ -28,8 +28,8 @@ MODEL=models/autoglm-tiny
 SAMPLES=assets/samples/easy-vqa
 echo; echo "== ask the default model ($MODEL) about sample easy-VQA test images"
 python3 -c 'import json,sys
-for l in open(sys.argv[1]):
-    r = json.loads(l); print(r["image"], r["answer"], r["question"], sep="\t")' "$SAMPLES/questions.jsonl" | head -9 |
+for l in open(sys.argv[1]).readlines()[:9]:
+    r = json.loads(l); print(r["image"], r["answer"], r["question"], sep="\t")' "$SAMPLES/questions.jsonl" |
 while IFS=$'\t' read -r image expected question; do
     answer=$($AUTOGLM ask --image "$SAMPLES/$image" "$question" 2>/dev/null) ||
         { $AUTOGLM ask --image "$SAMPLES/$image" "$question" >/dev/null; exit 1; }
