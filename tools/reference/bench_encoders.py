@@ -12,12 +12,11 @@ sentences.json.
 import argparse
 import json
 import os
-import statistics
-import sys
-import time
 
 import torch
 from safetensors.torch import load_file
+
+from bench_common import serve
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--dir", required=True)
@@ -29,14 +28,6 @@ torch.set_num_interop_threads(1)
 HOME = os.environ.get("AUTOGLM_HOME", os.path.expanduser("~/.cache/autoglm"))
 
 
-def timeit(fn, seconds):
-    fn()  # warm-up
-    times, start = [], time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 from efficientnet_lite_pytorch import EfficientNet
@@ -56,9 +47,5 @@ cases = {
 # Protocol: print a ready line, then for each request line "CASE SECONDS"
 # answer with one JSON line {"case": ..., "seconds_per_call": ...}, so that
 # the Rust side can interleave its own measurements with ours.
-print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
 with torch.inference_mode():
-    for line in sys.stdin:
-        case, seconds = line.split()
-        t = timeit(cases[case], float(seconds))
-        print(json.dumps({"case": case, "seconds_per_call": t}), flush=True)
+    serve(cases, {"torch": torch.__version__, "threads": torch.get_num_threads()})

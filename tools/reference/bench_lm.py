@@ -10,14 +10,13 @@ are measured interleaved:
 Not meant to be run alone.
 """
 import argparse
-import json
-import statistics
-import sys
 import time
 
 import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from bench_common import serve
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--dir", required=True)
@@ -57,19 +56,8 @@ def ask():
     model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
 
 
-def timeit(fn, seconds):
-    fn()
-    times, start = [], time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        r = fn()
-        times.append(r if r is not None else time.perf_counter() - t)
-    return statistics.median(times)
 
 
 cases = {"prefill": prefill, "decode": decode, "ask": ask}
-print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
 with torch.inference_mode():
-    for line in sys.stdin:
-        case, seconds = line.split()
-        print(json.dumps({"case": case, "seconds_per_call": timeit(cases[case], float(seconds))}), flush=True)
+    serve(cases, {"torch": torch.__version__, "threads": torch.get_num_threads()})

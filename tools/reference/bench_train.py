@@ -8,14 +8,12 @@ One step: forward, loss, backward, clip_grad_norm_(1.0), AdamW step.
 Not meant to be run alone.
 """
 import argparse
-import json
-import statistics
-import sys
-import time
 
 import torch
 from safetensors.torch import load_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from bench_common import serve
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)
@@ -40,18 +38,7 @@ def step():
     opt.step()
 
 
-def timeit(fn, seconds):
-    fn()
-    times, start = [], time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 params = sum(p.numel() for p in model.parameters())
-print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "params": params}), flush=True)
-for line in sys.stdin:
-    case, seconds = line.split()
-    print(json.dumps({"case": case, "seconds_per_call": timeit(step, float(seconds))}), flush=True)
+serve({"step": step}, {"torch": torch.__version__, "threads": torch.get_num_threads(), "params": params})

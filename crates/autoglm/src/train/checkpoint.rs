@@ -96,6 +96,17 @@ pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -
     write_atomic(path, &bytes)
 }
 
+/// The current values of every variable of `vm`, by name.
+pub fn varmap_tensors(vm: &candle_nn::VarMap) -> Result<HashMap<String, Tensor>> {
+    Ok(vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("variable map poisoned".into()))?
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect())
+}
+
 /// Named tensors.
 pub type Tensors = HashMap<String, Tensor>;
 

@@ -3,7 +3,6 @@
 //! evaluation every N steps, metrics as JSON lines, and a crash-safe
 //! checkpoint every N steps from which `resume` continues exactly.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -12,7 +11,8 @@ use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 
 use super::{
-    clip_grad_norm, load_checkpoint, save_checkpoint, AdamW, AdamWConfig, Checkpoint, Schedule,
+    clip_grad_norm, load_checkpoint, save_checkpoint, varmap_tensors, AdamW, AdamWConfig,
+    Checkpoint, Schedule,
 };
 use crate::{Error, Result};
 
@@ -130,13 +130,7 @@ impl Trainer {
     }
 
     fn save(&self, varmap: &VarMap) -> Result<()> {
-        let weights: HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Invalid("variable map poisoned".into()))?
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
+        let weights = varmap_tensors(varmap)?;
         let meta = Checkpoint {
             step: self.step,
             config: serde_json::to_value(&self.config).unwrap_or_default(),

@@ -657,13 +657,7 @@ fn save_weights(
     frozen_dir: Option<&Path>,
     out: &Path,
 ) -> Result<HashMap<String, Tensor>> {
-    let mut all: HashMap<String, Tensor> = vm
-        .data()
-        .lock()
-        .map_err(|_| Error::Invalid("variable map poisoned".into()))?
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
+    let mut all = super::varmap_tensors(vm)?;
     if let Some(dir) = frozen_dir {
         let path = dir.join("model.safetensors");
         for (n, t) in candle_core::safetensors::load(path, &Device::Cpu)? {
