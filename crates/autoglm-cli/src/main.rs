@@ -9,6 +9,7 @@ mod bench;
 mod bench_lm;
 mod bench_train;
 mod commands;
+mod serve_cmd;
 mod train_cmd;
 
 use std::process::ExitCode;
@@ -64,6 +65,8 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Exact-match accuracy of a VLM on VQA examples.
     Eval(train_cmd::EvalArgs),
+    /// Serve a model over the OpenAI HTTP API (chat with images, embeddings).
+    Serve(serve_cmd::ServeArgs),
     /// Zero-shot classification of images against free-text labels with a CLIP model.
     ZeroShot(commands::ZeroShotArgs),
     /// Benchmarks (speed against PyTorch on the same inputs and threads).
@@ -152,6 +155,7 @@ fn main() -> ExitCode {
         } => commands::embed_image(g, a),
         Command::Classify(a) => commands::classify(g, a),
         Command::ZeroShot(a) => commands::zero_shot(g, a),
+        Command::Serve(a) => serve_cmd::serve(g, a),
         Command::Ask(a) => ask::ask(g, a),
         Command::Train(a) => train_cmd::train(g, a),
         Command::Eval(a) => train_cmd::eval(g, a),

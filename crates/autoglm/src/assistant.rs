@@ -139,7 +139,19 @@ impl Assistant {
             .collect();
         content.push(serde_json::json!({"type": "text", "text": question}));
         let messages = serde_json::json!([{"role": "user", "content": content}]);
-        let text = self.template.render(&messages, true)?;
+        self.chat_prompt_ids(&messages, n_images)
+    }
+
+    /// The token ids (image placeholders expanded) of a whole conversation
+    /// in the HF message format — `content` a string or a list of
+    /// `{"type": "text", "text": …}` / `{"type": "image"}` parts — followed
+    /// by the generation prompt. `n_images` must equal the image parts.
+    pub fn chat_prompt_ids(
+        &self,
+        messages: &serde_json::Value,
+        n_images: usize,
+    ) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
         // As `apply_chat_template(tokenize=True)`: the template already
         // writes the special tokens it wants (a BOS would otherwise double).
         let ids = self.tokenizer.encode_plain(&text)?;
