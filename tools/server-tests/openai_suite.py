@@ -1,0 +1,214 @@
+"""Drives a running `autoglm serve` with the official `openai` Python SDK.
+
+Run by crates/autoglm-cli/tests/serve.rs, which starts the servers; each
+check raises (and the script exits non-zero) with a message on failure.
+
+    openai_suite.py main   --base URL --key KEY --samples DIR --max-body N
+    openai_suite.py busy   --base URL --key KEY --metrics URL
+    openai_suite.py mtls   --base URL --key KEY --ca CA.pem --cert C.pem --client-key K.pem --samples DIR
+"""
+
+import argparse
+import base64
+import concurrent.futures
+import json
+import math
+import pathlib
+import re
+import ssl
+import sys
+import time
+import urllib.request
+
+import openai
+
+
+def client(args, key=None, **kw):
+    # No retries: a 429 or a refused connection must reach the check as is.
+    return openai.OpenAI(base_url=args.base + "/v1", api_key=key or args.key, max_retries=0, timeout=60, **kw)
+
+
+def data_url(path):
+    return "data:image/png;base64," + base64.b64encode(pathlib.Path(path).read_bytes()).decode()
+
+
+def samples(args):
+    d = pathlib.Path(args.samples)
+    return [json.loads(l) | {"path": d / json.loads(l)["image"]} for l in (d / "questions.jsonl").read_text().splitlines() if l.strip()]
+
+
+def ask(c, path, question, **kw):
+    return c.chat.completions.create(
+        model="autoglm-tiny",
+        temperature=0,
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": question},
+            {"type": "image_url", "image_url": {"url": data_url(path)}},
+        ]}],
+        **kw,
+    )
+
+
+def expect_status(status, fn, what):
+    try:
+        fn()
+    except openai.APIStatusError as e:
+        assert e.status_code == status, f"{what}: expected {status}, got {e.status_code}: {e}"
+        return e
+    raise AssertionError(f"{what}: expected HTTP {status}, the request succeeded")
+
+
+def check_main(args):
+    c = client(args)
+    ids = {m.id for m in c.models.list()}
+    assert {"autoglm-tiny", "all-MiniLM-L6-v2"} <= ids, ids
+
+    # Plain chat with an image: the default model's answers to the samples.
+    qs = samples(args)
+    for q in qs:
+        r = ask(c, q["path"], q["question"])
+        got = r.choices[0].message.content
+        assert got == q["answer"], f"{q['image']} {q['question']!r}: {got!r} != {q['answer']!r}"
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens >= 1
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    print(f"chat: {len(qs)} sample questions answered as expected")
+
+    # Streaming gives the same answer in deltas, then the usage.
+    q = qs[0]
+    chunks = list(ask(c, q["path"], q["question"], stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == q["answer"], (text, q["answer"])
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    print(f"stream: {len(chunks)} chunks, {text!r}")
+
+    # Embeddings: text through MiniLM (the SDK asks for base64 by default).
+    e = c.embeddings.create(model="all-MiniLM-L6-v2", input=["a photo of a cat", "a kitten", "the stock market fell"])
+    v = [d.embedding for d in e.data]
+    assert all(len(x) == 384 for x in v) and all(abs(math.hypot(*x) - 1) < 1e-4 for x in v)
+    dot = lambda a, b: sum(p * q for p, q in zip(a, b))
+    assert dot(v[0], v[1]) > dot(v[0], v[2]) + 0.2, (dot(v[0], v[1]), dot(v[0], v[2]))
+    f = c.embeddings.create(model="all-MiniLM-L6-v2", input="a kitten", encoding_format="float")
+    assert max(abs(p - q) for p, q in zip(f.data[0].embedding, v[1])) < 1e-6, "float and base64 agree"
+    # Images through the model's vision tower.
+    img = {"type": "image_url", "image_url": {"url": data_url(qs[0]["path"])}}
+    other = {"type": "image_url", "image_url": {"url": data_url(qs[-1]["path"])}}
+    ie = c.embeddings.create(model="autoglm-tiny", input=[img, img, other], encoding_format="float")
+    w = [d.embedding for d in ie.data]
+    assert len(w[0]) == 1280 and w[0] == w[1] and w[0] != w[2]
+    print("embeddings: text 384-d, images 1280-d")
+
+    # 401: a wrong key and no key.
+    e = expect_status(401, lambda: client(args, key="sk-wrong-key").models.list(), "wrong key")
+    assert isinstance(e, openai.AuthenticationError)
+    req = urllib.request.Request(args.base + "/v1/models")
+    try:
+        urllib.request.urlopen(req)
+        raise AssertionError("no key: expected 401")
+    except urllib.error.HTTPError as h:
+        assert h.code == 401, h.code
+
+    # 413: a body over --max-body-bytes.
+    big = "data:image/png;base64," + "A" * (args.max_body + 1000)
+    expect_status(413, lambda: c.chat.completions.create(
+        model="autoglm-tiny", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}]}]), "big body")
+
+    # 400s name the field; 404 for an unknown model.
+    e = expect_status(400, lambda: c.chat.completions.create(model="autoglm-tiny", messages=[{"role": "user", "content": "hi"}], temperature=5), "temperature")
+    assert e.body["param"] == "temperature", e.body
+    e = expect_status(400, lambda: c.chat.completions.create(model="autoglm-tiny", messages=[{"role": "user", "content": "word " * 400}]), "long prompt")
+    assert e.body["code"] == "context_length_exceeded" and "256" in e.body["message"], e.body
+    e = expect_status(400, lambda: c.chat.completions.create(model="autoglm-tiny", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]), "local file")
+    assert "local paths" in e.body["message"], e.body
+    expect_status(404, lambda: c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}]), "unknown model")
+    print("errors: 401, 413, 400 (field named), 404")
+
+
+def metric(url, name):
+    text = urllib.request.urlopen(url).read().decode()
+    m = re.search(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def check_busy(args):
+    """Against a server with --max-batch 1 --queue 1 and a slow model."""
+    c = client(args)
+
+    def one(_):
+        try:
+            r = c.chat.completions.create(model="slow", messages=[{"role": "user", "content": "count"}], max_tokens=1500, temperature=0)
+            return r.choices[0].finish_reason
+        except openai.RateLimitError as e:
+            assert e.body["code"] == "queue_full", e.body
+            return 429
+        except openai.APIStatusError as e:
+            return e.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        out = list(pool.map(one, range(16)))
+    assert out.count(429) >= 1, f"a full queue answers 429: {out}"
+    assert all(o in (429, "length", "stop") for o in out), f"only 200s and 429s: {out}"
+    print(f"busy: {out.count(429)} of 16 answered 429, the rest completed")
+
+    # A client that stops reading a stream cancels its sequence.
+    before = metric(args.metrics, "autoglm_cancelled_sequences_total")
+    s = c.chat.completions.create(model="slow", messages=[{"role": "user", "content": "go"}], max_tokens=3000, stream=True)
+    n = 0
+    for ch in s:
+        n += 1
+        if n == 3:
+            break
+    s.close()
+    for _ in range(100):
+        if metric(args.metrics, "autoglm_cancelled_sequences_total") > before:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the closed stream was not cancelled")
+    assert metric(args.metrics, "autoglm_active_sequences") == 0
+    r = c.chat.completions.create(model="slow", messages=[{"role": "user", "content": "again"}], max_tokens=5)
+    assert r.usage.completion_tokens == 5
+    print("cancel: the closed stream's sequence left the batch; the server goes on")
+
+
+def check_mtls(args):
+    q = samples(args)[0]
+    ctx = ssl.create_default_context(cafile=args.ca)
+    ctx.load_cert_chain(args.cert, args.client_key)
+    c = client(args, http_client=openai.DefaultHttpxClient(verify=ctx))
+    got = ask(c, q["path"], q["question"]).choices[0].message.content
+    assert got == q["answer"], (got, q["answer"])
+    print("mtls: a client with a certificate signed by the CA is served")
+    bare = ssl.create_default_context(cafile=args.ca)
+    c = client(args, http_client=openai.DefaultHttpxClient(verify=bare))
+    try:
+        c.models.list()
+        raise AssertionError("a client without a certificate was served")
+    except openai.APIConnectionError:
+        pass
+    print("mtls: a client without a certificate is refused")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("check", choices=["main", "busy", "mtls"])
+    p.add_argument("--base", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--samples")
+    p.add_argument("--max-body", type=int)
+    p.add_argument("--metrics")
+    p.add_argument("--ca")
+    p.add_argument("--cert")
+    p.add_argument("--client-key")
+    args = p.parse_args()
+    {"main": check_main, "busy": check_busy, "mtls": check_mtls}[args.check](args)
+    print(f"openai {openai.__version__}: {args.check} checks passed")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except AssertionError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        sys.exit(1)
