@@ -7,6 +7,7 @@
 mod ask;
 mod bench;
 mod bench_lm;
+mod bench_serve;
 mod bench_train;
 mod commands;
 mod serve_cmd;
@@ -103,6 +104,9 @@ enum BenchCommand {
     /// Training samples/s of a model's architecture on real easy-VQA
     /// batches, beside transformers.
     Train(bench_train::TrainBenchArgs),
+    /// Load test of `autoglm serve`: concurrent clients, mixed good and bad
+    /// requests, batching on and off, resident memory.
+    Serve(bench_serve::ServeBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -169,6 +173,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Train(a),
         } => bench_train::train(g, a),
+        Command::Bench {
+            command: BenchCommand::Serve(a),
+        } => bench_serve::serve(g, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -79,7 +79,10 @@ fn suite(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
     println!("{text}");
-    assert!(out.status.success(), "openai suite {args:?} failed:\n{text}");
+    assert!(
+        out.status.success(),
+        "openai suite {args:?} failed:\n{text}"
+    );
 }
 
 /// Sends SIGTERM and expects a clean exit well within the grace period.
@@ -94,14 +97,20 @@ fn terminate(mut s: Server) {
             assert!(status.success(), "exit after SIGTERM: {status}");
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "no exit 10 s after SIGTERM");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no exit 10 s after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 #[test]
 fn openai_sdk_against_the_default_model() {
-    let s = serve(&["--max-body-bytes", "2000000"], "sk-test-key-0001,sk-test-key-0002");
+    let s = serve(
+        &["--max-body-bytes", "2000000"],
+        "sk-test-key-0001,sk-test-key-0002",
+    );
     suite(&[
         "main",
         "--base",
@@ -153,7 +162,15 @@ fn openai_sdk_sees_429_when_the_queue_is_full_and_cancels_closed_streams() {
         "sk-test-key-0003",
     );
     let metrics = format!("{}/metrics", s.base);
-    suite(&["busy", "--base", &s.base, "--key", "sk-test-key-0003", "--metrics", &metrics]);
+    suite(&[
+        "busy",
+        "--base",
+        &s.base,
+        "--key",
+        "sk-test-key-0003",
+        "--metrics",
+        &metrics,
+    ]);
     terminate(s);
 }
 
@@ -172,13 +189,18 @@ fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
     };
     let mut ca = CertificateParams::new(vec![]).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "autoglm test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    ca.distinguished_name
+        .push(DnType::CommonName, "autoglm test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_key = KeyPair::generate().unwrap();
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let leaf = |sans: Vec<String>, usage: ExtendedKeyUsagePurpose| {
         let mut p = CertificateParams::new(sans).unwrap();
-        p.distinguished_name.push(DnType::CommonName, "autoglm test");
+        p.distinguished_name
+            .push(DnType::CommonName, "autoglm test");
         p.extended_key_usages = vec![usage];
         let k = KeyPair::generate().unwrap();
         let c = p.signed_by(&k, &ca_cert, &ca_key).unwrap();

@@ -197,22 +197,18 @@ impl Engine {
     /// first tokens, and merges the unfinished ones into the batch.
     fn prefill(&mut self, admit: Vec<Job>) {
         let a = &self.assistant;
+        // The images of every admitted prompt go through the vision tower
+        // in one batch.
         let mut jobs = Vec::with_capacity(admit.len());
-        let mut embeds = Vec::with_capacity(admit.len());
+        let mut pixels = Vec::new();
         for job in admit {
-            let e = (|| -> autoglm::Result<Tensor> {
-                let pixels = if job.images.is_empty() {
-                    None
-                } else {
-                    Some(a.preprocess.batch(&job.images, a.device())?)
-                };
-                Ok(a.model
-                    .embed_prompt(&job.prompt_ids, pixels.as_ref())?
-                    .squeeze(0)?)
-            })();
-            match e {
-                Ok(e) => {
-                    embeds.push(e);
+            if job.images.is_empty() {
+                jobs.push(job);
+                continue;
+            }
+            match a.preprocess.batch(&job.images, a.device()) {
+                Ok(p) => {
+                    pixels.push(p);
                     jobs.push(job);
                 }
                 Err(e) => {
@@ -220,6 +216,50 @@ impl Engine {
                 }
             }
         }
+        let features = if pixels.is_empty() {
+            Ok(None)
+        } else {
+            Tensor::cat(&pixels, 0)
+                .map_err(autoglm::Error::from)
+                .and_then(|p| a.model.image_features(&p))
+                .map(Some)
+        };
+        let features = match features {
+            Ok(f) => f,
+            Err(e) => {
+                let e: ApiError = e.into();
+                for job in jobs {
+                    let _ = job.events.send(Event::Failed(e.clone()));
+                }
+                return;
+            }
+        };
+        let mut embeds = Vec::with_capacity(jobs.len());
+        let mut ok = Vec::with_capacity(jobs.len());
+        let mut first = 0;
+        for job in jobs {
+            let n = job.images.len();
+            let e = (|| -> autoglm::Result<Tensor> {
+                let f = match (&features, n) {
+                    (Some(f), n) if n > 0 => Some(f.narrow(0, first, n)?),
+                    _ => None,
+                };
+                Ok(a.model
+                    .embed_prompt_features(&job.prompt_ids, f.as_ref())?
+                    .squeeze(0)?)
+            })();
+            first += n;
+            match e {
+                Ok(e) => {
+                    embeds.push(e);
+                    ok.push(job);
+                }
+                Err(e) => {
+                    let _ = job.events.send(Event::Failed(e.into()));
+                }
+            }
+        }
+        let jobs = ok;
         if jobs.is_empty() {
             return;
         }

@@ -310,22 +310,32 @@ async fn track(State(st): State<Shared>, req: Request, next: Next) -> Response {
     resp
 }
 
-/// The body, or 413 past `limit` bytes.
+/// The body, or 413 past `limit` bytes. An oversized body is still read
+/// (and dropped) up to a bound, so that the client, still sending, gets the
+/// 413 instead of a connection reset.
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        let mut too_big = false;
-        while let Some(s) = src {
-            too_big |= s.is::<http_body_util::LengthLimitError>();
-            src = s.source();
+    use http_body_util::BodyExt;
+    let drain_bound = limit.saturating_mul(4).max(64 << 20);
+    let mut body = body;
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::invalid("body", format!("cannot read the request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen <= limit {
+                buf.extend_from_slice(&data);
+            } else if seen > drain_bound {
+                break;
+            }
         }
-        if too_big {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the request body is over the server's limit of {limit} bytes (--max-body-bytes); send smaller or fewer images"),
-            )
-        } else {
-            ApiError::invalid("body", format!("cannot read the request body: {e}"))
-        }
-    })
+    }
+    if seen > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over the server's limit of {limit} bytes (--max-body-bytes); send smaller or fewer images"),
+        ));
+    }
+    Ok(buf.into())
 }

@@ -22,7 +22,11 @@ fn fixture() -> PathBuf {
 
 fn picture(seed: u8) -> RgbImage {
     RgbImage::from_fn(40, 30, |x, y| {
-        image::Rgb([(x as u8).wrapping_mul(seed), (y as u8).wrapping_mul(7), seed])
+        image::Rgb([
+            (x as u8).wrapping_mul(seed),
+            (y as u8).wrapping_mul(7),
+            seed,
+        ])
     })
 }
 
@@ -151,7 +155,11 @@ fn sequences_joining_and_leaving_get_the_answers_they_get_alone() {
         engine.step(&mut waiting);
         most = most.max(engine.active());
     }
-    assert_eq!((engine.active(), waiting.len()), (0, 0), "every sequence ends");
+    assert_eq!(
+        (engine.active(), waiting.len()),
+        (0, 0),
+        "every sequence ends"
+    );
     assert_eq!(most, 2, "sequences shared the batch");
     for (i, q) in asks.iter().enumerate() {
         drain(&mut rxs[i], &mut outs[i]);
@@ -192,9 +200,16 @@ fn stop_strings_cut_the_answer_and_are_never_streamed() {
         engine.step(&mut waiting);
     }
     drain(&mut rx, &mut out);
-    assert_eq!(out.pieces.concat(), &full[..cut], "stop {stop:?} in {full:?}");
+    assert_eq!(
+        out.pieces.concat(),
+        &full[..cut],
+        "stop {stop:?} in {full:?}"
+    );
     assert_eq!(out.done.unwrap().0, FinishReason::Stop);
-    assert!(out.pieces.iter().all(|p| !p.is_empty() && !p.contains(&stop)));
+    assert!(out
+        .pieces
+        .iter()
+        .all(|p| !p.is_empty() && !p.contains(&stop)));
 }
 
 #[test]
@@ -218,12 +233,19 @@ fn gone_clients_and_deadlines_end_their_sequences_only() {
     engine.step(&mut waiting);
     let mut out = Outcome::default();
     drain(&mut late_rx, &mut out);
-    assert!(out.failed.as_deref().unwrap_or("").starts_with("504"), "{out:?}");
+    assert!(
+        out.failed.as_deref().unwrap_or("").starts_with("504"),
+        "{out:?}"
+    );
     assert_eq!(metrics.timed_out.get(), 1);
     while engine.active() > 0 {
         engine.step(&mut waiting);
     }
     let mut out = Outcome::default();
     drain(&mut keep_rx, &mut out);
-    assert_eq!(out.pieces.concat(), alone(&a, &qs[0]).text, "the survivor is undisturbed");
+    assert_eq!(
+        out.pieces.concat(),
+        alone(&a, &qs[0]).text,
+        "the survivor is undisturbed"
+    );
 }

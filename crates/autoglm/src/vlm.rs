@@ -175,6 +175,17 @@ impl Llava {
     /// # Shapes
     /// `ids`: T ids; `pixels`: (N, 3, S, S) → (1, T, H_lm)
     pub fn embed_prompt(&self, ids: &[u32], pixels: Option<&Tensor>) -> Result<Tensor> {
+        let feats = pixels.map(|p| self.image_features(p)).transpose()?;
+        self.embed_prompt_features(ids, feats.as_ref())
+    }
+
+    /// As [`Self::embed_prompt`], with the projected image features already
+    /// computed (so that a server can run the vision tower once for the
+    /// images of many prompts).
+    ///
+    /// # Shapes
+    /// `ids`: T ids; `features`: (N, P, H_lm) → (1, T, H_lm)
+    pub fn embed_prompt_features(&self, ids: &[u32], features: Option<&Tensor>) -> Result<Tensor> {
         let tok = self.config.image_token_index;
         let dev = self.lm.embed_tokens_device();
         let n_img_tokens = ids.iter().filter(|&&i| i == tok).count();
@@ -184,15 +195,14 @@ impl Llava {
             .lm
             .embed(&Tensor::new(safe.as_slice(), dev)?.unsqueeze(0)?)?
             .squeeze(0)?; // (T, H)
-        let feats = match pixels {
+        let feats = match features {
             None if n_img_tokens == 0 => return Ok(text.unsqueeze(0)?),
             None => {
                 return Err(Error::Invalid(format!(
                     "the prompt has {n_img_tokens} image tokens but no image was given"
                 )))
             }
-            Some(p) => {
-                let f = self.image_features(p)?; // (N, P, H)
+            Some(f) => {
                 let (n, per, h) = f.dims3()?;
                 if n * per != n_img_tokens {
                     return Err(Error::Invalid(format!(
