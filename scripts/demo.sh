@@ -38,3 +38,26 @@ done
 echo; echo "== the default model on all 18 sample questions, then on the whole easy-VQA test split"
 $AUTOGLM eval --data "$SAMPLES/questions.jsonl" --confusion "${TMPDIR:-/tmp}/autoglm-samples-confusion.png"
 $AUTOGLM eval --split test --confusion "${TMPDIR:-/tmp}/autoglm-test-confusion.png"
+
+echo; echo "== serve the default model over the OpenAI API, ask it over HTTP, stop it"
+LOG=$(mktemp)
+AUTOGLM_API_KEYS=sk-demo-key-123 $AUTOGLM serve --port 0 --embedding-model none >"$LOG" 2>/dev/null &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true; rm -f "$LOG"' EXIT
+for _ in $(seq 100); do grep -q "listening on" "$LOG" && break; sleep 0.1; done
+BASE=$(sed -n 's/^listening on //p' "$LOG")
+[[ -n $BASE ]] || { echo "demo: the server did not start" >&2; exit 1; }
+echo "listening on $BASE"
+python3 - "$BASE" "$SAMPLES/21.png" <<'PY'
+import base64, json, sys, urllib.request
+base, image = sys.argv[1], sys.argv[2]
+url = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
+body = {"model": "autoglm-tiny", "temperature": 0, "messages": [{"role": "user", "content": [
+    {"type": "text", "text": "what shape is in the image?"},
+    {"type": "image_url", "image_url": {"url": url}}]}]}
+req = urllib.request.Request(base + "/v1/chat/completions", json.dumps(body).encode(),
+                             {"content-type": "application/json", "authorization": "Bearer sk-demo-key-123"})
+r = json.load(urllib.request.urlopen(req))
+print("POST /v1/chat/completions:", image, "what shape is in the image? ->", r["choices"][0]["message"]["content"], "| usage", r["usage"])
+PY
+kill -TERM $SERVER && wait $SERVER && echo "stopped on SIGTERM"

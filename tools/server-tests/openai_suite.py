@@ -4,7 +4,7 @@ Run by crates/autoglm-cli/tests/serve.rs, which starts the servers; each
 check raises (and the script exits non-zero) with a message on failure.
 
     openai_suite.py main   --base URL --key KEY --samples DIR --max-body N
-    openai_suite.py busy   --base URL --key KEY --metrics URL
+    openai_suite.py busy   --base URL --key KEY --metrics URL --pid SERVER_PID
     openai_suite.py mtls   --base URL --key KEY --ca CA.pem --cert C.pem --client-key K.pem --samples DIR
 """
 
@@ -13,11 +13,14 @@ import base64
 import concurrent.futures
 import json
 import math
+import os
 import pathlib
 import re
+import signal
 import ssl
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import openai
@@ -108,6 +111,21 @@ def check_main(args):
     except urllib.error.HTTPError as h:
         assert h.code == 401, h.code
 
+    # Probes need no key; the scheme is case-insensitive; wrong methods get JSON.
+    assert json.load(urllib.request.urlopen(args.base + "/health")) == {"status": "ok"}
+    req = urllib.request.Request(args.base + "/v1/models", headers={"authorization": "bearer " + args.key})
+    assert json.load(urllib.request.urlopen(req))["object"] == "list"
+    try:
+        urllib.request.urlopen(urllib.request.Request(args.base + "/v1/chat/completions", headers={"authorization": "Bearer " + args.key}))
+        raise AssertionError("GET on chat completions: expected 405")
+    except urllib.error.HTTPError as h:
+        assert h.code == 405 and "POST" in json.load(h)["error"]["message"], h.code
+    m = urllib.request.urlopen(args.base + "/metrics").read().decode()
+    for name in ["autoglm_http_requests_total", "autoglm_queue_depth", "autoglm_generated_tokens_total",
+                 "autoglm_time_to_first_token_seconds_bucket", "autoglm_http_request_duration_seconds_bucket"]:
+        assert name in m, f"/metrics lacks {name}"
+    assert re.search(r'autoglm_http_requests_total\{endpoint="/v1/chat/completions",status="200"\} \d+', m), m[:2000]
+
     # 413: a body over --max-body-bytes.
     big = "data:image/png;base64," + "A" * (args.max_body + 1000)
     expect_status(413, lambda: c.chat.completions.create(
@@ -121,6 +139,12 @@ def check_main(args):
     e = expect_status(400, lambda: c.chat.completions.create(model="autoglm-tiny", messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]), "local file")
     assert "local paths" in e.body["message"], e.body
+    many = [{"type": "image_url", "image_url": {"url": data_url(qs[0]["path"])}}] * 9
+    e = expect_status(400, lambda: c.chat.completions.create(model="autoglm-tiny", messages=[{"role": "user", "content": many}]), "9 images")
+    assert "limit of 8" in e.body["message"], e.body
+    e = expect_status(400, lambda: c.chat.completions.create(model="autoglm-tiny", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]), "remote image")
+    assert "remote image URLs are disabled" in e.body["message"], e.body
     expect_status(404, lambda: c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}]), "unknown model")
     print("errors: 401, 413, 400 (field named), 404")
 
@@ -168,8 +192,24 @@ def check_busy(args):
         raise AssertionError("the closed stream was not cancelled")
     assert metric(args.metrics, "autoglm_active_sequences") == 0
     r = c.chat.completions.create(model="slow", messages=[{"role": "user", "content": "again"}], max_tokens=5)
-    assert r.usage.completion_tokens == 5
+    assert 1 <= r.usage.completion_tokens <= 5
     print("cancel: the closed stream's sequence left the batch; the server goes on")
+
+    # SIGTERM during a stream: the stream still ends normally (within the
+    # grace period), and new connections are refused.
+    s = c.chat.completions.create(model="slow", messages=[{"role": "user", "content": "go on"}], max_tokens=3000, temperature=0, stream=True)
+    it = iter(s)
+    next(it)
+    os.kill(args.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    finish = [ch.choices[0].finish_reason for ch in it if ch.choices]
+    assert finish and finish[-1] in ("length", "stop"), finish
+    try:
+        c.models.list()
+        raise AssertionError("a new request was served after SIGTERM")
+    except openai.APIConnectionError:
+        pass
+    print(f"sigterm: the stream in flight ended with {finish[-1]!r}; new connections are refused")
 
 
 def check_mtls(args):
@@ -198,6 +238,7 @@ def main():
     p.add_argument("--samples")
     p.add_argument("--max-body", type=int)
     p.add_argument("--metrics")
+    p.add_argument("--pid", type=int)
     p.add_argument("--ca")
     p.add_argument("--cert")
     p.add_argument("--client-key")

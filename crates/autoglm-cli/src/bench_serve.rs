@@ -145,18 +145,21 @@ fn run_load(base: &str, kinds: &[Kind], clients: usize, secs: u64) -> Tally {
                         .header("authorization", format!("Bearer {}", k.key))
                         .header("content-type", "application/json")
                         .send(k.body.as_slice());
+                    // Read the whole answer before taking the lock.
+                    let r = r.map(|resp| {
+                        let status = resp.status().as_u16();
+                        let mut text = String::new();
+                        let read = resp.into_body().into_reader().read_to_string(&mut text);
+                        (status, text, read.is_ok(), t0.elapsed().as_secs_f64())
+                    });
                     let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
                     match r {
                         Err(e) => {
                             t.dropped += 1;
                             t.unexpected.push(format!("{}: {e}", k.name));
                         }
-                        Ok(resp) => {
-                            let status = resp.status().as_u16();
-                            let mut text = String::new();
-                            let read = resp.into_body().into_reader().read_to_string(&mut text);
-                            let dt = t0.elapsed().as_secs_f64();
-                            if read.is_err()
+                        Ok((status, text, read_ok, dt)) => {
+                            if !read_ok
                                 || (k.stream
                                     && status == 200
                                     && !text.trim_end().ends_with("data: [DONE]"))

@@ -133,11 +133,15 @@ fn main() -> ExitCode {
         .global
         .threads
         .or(matches!(cli.command, Command::Bench { .. }).then_some(2));
-    if let Some(t) = threads {
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            // Before any thread pool exists: candle and our kernels read it.
-            std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-        }
+    // Before any thread pool exists: candle and our kernels read it. Set
+    // even when not asked for (to the CPUs available), because candle
+    // otherwise counts the CPUs again at every matmul (a /proc read: 4 %
+    // of a busy server's time).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let t = threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

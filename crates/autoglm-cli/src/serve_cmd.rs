@@ -115,6 +115,7 @@ pub fn serve(g: &Global, a: ServeArgs) -> Result<()> {
         tls.server_config().context("TLS setup")?;
     }
     let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    let addr = cfg.addr;
     let server = Server::load(cfg).context("loading the model")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -127,6 +128,6 @@ pub fn serve(g: &Global, a: ServeArgs) -> Result<()> {
         use std::io::Write;
         let _ = std::io::stdout().flush();
     }))
-    .with_context(|| "serving")?;
+    .with_context(|| format!("serving on {addr}"))?;
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! `autoglm serve` driven by the official `openai` Python SDK
 //! (tools/server-tests/openai_suite.py; scripts/test.sh installs the SDK):
 //! chat with images, streaming, embeddings, 401, 413, 400/404, a 429 under
-//! a full queue, a cancelled stream, TLS with client certificates, and a
-//! graceful exit on SIGTERM.
+//! a full queue, a cancelled stream, a stream that finishes after SIGTERM,
+//! TLS with client certificates, and a clean exit on SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -143,7 +143,7 @@ fn slow_model(dir: &Path) {
 }
 
 #[test]
-fn openai_sdk_sees_429_when_the_queue_is_full_and_cancels_closed_streams() {
+fn openai_sdk_sees_429_cancels_closed_streams_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     slow_model(dir.path());
     let s = serve(
@@ -162,6 +162,7 @@ fn openai_sdk_sees_429_when_the_queue_is_full_and_cancels_closed_streams() {
         "sk-test-key-0003",
     );
     let metrics = format!("{}/metrics", s.base);
+    let pid = s.child.id().to_string();
     suite(&[
         "busy",
         "--base",
@@ -170,6 +171,8 @@ fn openai_sdk_sees_429_when_the_queue_is_full_and_cancels_closed_streams() {
         "sk-test-key-0003",
         "--metrics",
         &metrics,
+        "--pid",
+        &pid,
     ]);
     terminate(s);
 }

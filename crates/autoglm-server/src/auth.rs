@@ -18,8 +18,9 @@ pub(crate) async fn require_key(State(st): State<Shared>, req: Request, next: Ne
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
     match given {
         Some(k)
             if st
@@ -31,12 +32,14 @@ pub(crate) async fn require_key(State(st): State<Shared>, req: Request, next: Ne
         }
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "incorrect API key")
             .code("invalid_api_key")
+            .unread_body()
             .into_response(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "an API key is required: send `Authorization: Bearer KEY` (OpenAI clients: api_key=…)",
         )
         .code("invalid_api_key")
+        .unread_body()
         .into_response(),
     }
 }

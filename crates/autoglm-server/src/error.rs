@@ -14,6 +14,8 @@ pub struct ApiError {
     pub param: Option<String>,
     /// A machine-readable code (`context_length_exceeded`, `model_not_found`).
     pub code: Option<&'static str>,
+    /// Close the connection after this answer (sent before the body was read).
+    pub close: bool,
 }
 
 impl ApiError {
@@ -23,6 +25,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: None,
+            close: false,
         }
     }
 
@@ -32,6 +35,12 @@ impl ApiError {
             param: Some(param.into()),
             ..Self::new(StatusCode::BAD_REQUEST, message)
         }
+    }
+
+    /// Marks an answer sent without reading the request body.
+    pub fn unread_body(mut self) -> Self {
+        self.close = true;
+        self
     }
 
     pub fn code(mut self, code: &'static str) -> Self {
@@ -70,6 +79,13 @@ impl std::fmt::Display for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, axum::Json(self.body())).into_response();
+        if self.close {
+            // The request body was not read: the connection cannot carry
+            // another request reliably, so say so instead of racing the
+            // client's next request on it.
+            r.headers_mut()
+                .insert("connection", HeaderValue::from_static("close"));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut()
                 .insert("www-authenticate", HeaderValue::from_static("Bearer"));

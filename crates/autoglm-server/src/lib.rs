@@ -37,6 +37,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use axum_server::accept::NoDelayAcceptor;
 use candle_core::Device;
 
 use crate::error::ApiError;
@@ -190,22 +191,19 @@ impl Server {
         });
         let app = self.app.into_make_service();
         let serve = async {
+            // TCP_NODELAY: answers are small writes that must not wait for
+            // the client's delayed ACK.
+            let server = axum_server::bind(self.cfg.addr).handle(handle.clone());
             match &self.cfg.tls {
                 Some(files) => {
                     let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(
                         files.server_config()?,
                     ));
-                    axum_server::bind_rustls(self.cfg.addr, tls)
-                        .handle(handle.clone())
-                        .serve(app)
-                        .await
+                    let acceptor =
+                        axum_server::tls_rustls::RustlsAcceptor::new(tls).acceptor(NoDelayAcceptor);
+                    server.acceptor(acceptor).serve(app).await
                 }
-                None => {
-                    axum_server::bind(self.cfg.addr)
-                        .handle(handle.clone())
-                        .serve(app)
-                        .await
-                }
+                None => server.acceptor(NoDelayAcceptor).serve(app).await,
             }
         };
         let announce = async {
@@ -258,7 +256,10 @@ fn router(state: Shared) -> Router {
         .route("/health", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
         .route("/metrics", get(metrics_text))
         .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see GET /v1/models, POST /v1/chat/completions, POST /v1/embeddings")
+            ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see GET /v1/models, POST /v1/chat/completions, POST /v1/embeddings").unread_body()
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "wrong method for this endpoint: chat completions and embeddings take POST, the others GET").unread_body()
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
