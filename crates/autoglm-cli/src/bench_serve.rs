@@ -356,7 +356,7 @@ pub fn serve(g: &Global, a: ServeBenchArgs) -> Result<()> {
         "model": model, "clients": a.clients, "seconds": a.seconds, "mixed_seconds": a.mixed_seconds,
         "threads": candle_core::utils::get_num_threads(),
         "batched": b, "batch_1": s1, "mixed": m, "batching_gain": gain,
-        "rss_mib": {"after_warmup": rss_warm, "after_load": rss_after_load, "max_during_mixed": rss_max, "end": rss_end},
+        "rss_mib": {"after_warmup": rss_warm, "after_load": rss_after_load, "max_during_mixed": rss_max, "end": rss_end, "mixed_every_5s": rss},
     });
     if g.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -389,6 +389,8 @@ pub fn serve(g: &Global, a: ServeBenchArgs) -> Result<()> {
         println!(
             "resident memory: {rss_warm:.0} MiB after warm-up, {rss_after_load:.0} after load, at most {rss_max:.0} during the mix, {rss_end:.0} at the end"
         );
+        let series: Vec<String> = rss.iter().step_by(6).map(|m| format!("{m:.0}")).collect();
+        println!("  during the mix, every 30 s (MiB): {}", series.join(" "));
         for u in m["unexpected"].as_array().into_iter().flatten() {
             println!("  unexpected: {u}");
         }

@@ -94,6 +94,7 @@ pub struct Engine {
     max_batch: usize,
     rows: Vec<Row>,
     cache: KvCache,
+    /// Start of the tokens/s window and the token count then.
     window: (Instant, u64),
 }
 
@@ -158,14 +159,19 @@ impl Engine {
             self.prefill(admit);
         }
         self.metrics.active_sequences.set(self.rows.len() as i64);
-        let (t0, n) = self.window;
+        let (t0, n0) = self.window;
         let dt = t0.elapsed().as_secs_f64();
-        if dt >= 2.0 || self.rows.is_empty() {
-            self.metrics
-                .tokens_per_second
-                .set(if dt > 0.0 { n as f64 / dt } else { 0.0 });
-            self.window = (Instant::now(), 0);
+        if dt >= 2.0 {
+            let n = self.metrics.generated_tokens.get();
+            self.metrics.tokens_per_second.set((n - n0) as f64 / dt);
+            self.window = (Instant::now(), n);
         }
+    }
+
+    /// Called before the engine waits for work: nothing is generated now.
+    pub fn idle(&mut self) {
+        self.metrics.tokens_per_second.set(0.0);
+        self.window = (Instant::now(), self.metrics.generated_tokens.get());
     }
 
     /// Whether `job` can join with `admit` without the padded cache
@@ -226,13 +232,7 @@ impl Engine {
         };
         let features = match features {
             Ok(f) => f,
-            Err(e) => {
-                let e: ApiError = e.into();
-                for job in jobs {
-                    let _ = job.events.send(Event::Failed(e.clone()));
-                }
-                return;
-            }
+            Err(e) => return fail(&jobs, e),
         };
         let mut embeds = Vec::with_capacity(jobs.len());
         let mut ok = Vec::with_capacity(jobs.len());
@@ -302,13 +302,7 @@ impl Engine {
         })();
         let (new_cache, logits) = match result {
             Ok(r) => r,
-            Err(e) => {
-                let e: ApiError = e.into();
-                for job in jobs {
-                    let _ = job.events.send(Event::Failed(e.clone()));
-                }
-                return;
-            }
+            Err(e) => return fail(&jobs, e),
         };
         let mut joining = Vec::new();
         let mut keep = Vec::new();
@@ -368,12 +362,7 @@ impl Engine {
                 self.cache = cache;
                 self.rows.extend(joining);
             }
-            Err(e) => {
-                let e: ApiError = e.into();
-                for row in joining {
-                    let _ = row.job.events.send(Event::Failed(e.clone()));
-                }
-            }
+            Err(e) => fail(joining.iter().map(|r| &r.job), e),
         }
     }
 
@@ -537,10 +526,8 @@ impl Engine {
     }
 
     fn fail_all(&mut self, e: autoglm::Error) {
-        let e: ApiError = e.into();
-        for row in self.rows.drain(..) {
-            let _ = row.job.events.send(Event::Failed(e.clone()));
-        }
+        fail(self.rows.iter().map(|r| &r.job), e);
+        self.rows.clear();
         self.cache = self.assistant.model.lm.new_cache();
     }
 
@@ -571,6 +558,14 @@ impl Engine {
     }
 }
 
+/// Tells every job of `jobs` that it failed with `e`.
+fn fail<'a>(jobs: impl IntoIterator<Item = &'a Job>, e: autoglm::Error) {
+    let e: ApiError = e.into();
+    for job in jobs {
+        let _ = job.events.send(Event::Failed(e.clone()));
+    }
+}
+
 enum Outcome {
     Finished(FinishReason),
     Cancelled,
@@ -592,6 +587,7 @@ pub fn spawn(
             let mut waiting = VecDeque::new();
             loop {
                 if engine.active() == 0 && waiting.is_empty() {
+                    engine.idle();
                     match jobs.recv() {
                         Ok(job) => waiting.push_back(job),
                         Err(_) => return,
