@@ -4,13 +4,15 @@ Run by crates/autoglm-cli/tests/serve.rs, which starts the servers; each
 check raises (and the script exits non-zero) with a message on failure.
 
     openai_suite.py main   --base URL --key KEY --samples DIR --max-body N
-    openai_suite.py busy   --base URL --key KEY --metrics URL --pid SERVER_PID
+    openai_suite.py busy   --base URL --key KEY --metrics URL --pid SERVER_PID --samples DIR
     openai_suite.py mtls   --base URL --key KEY --ca CA.pem --cert C.pem --client-key K.pem --samples DIR
 """
 
 import argparse
 import base64
 import concurrent.futures
+import functools
+import http.server
 import json
 import math
 import os
@@ -19,6 +21,7 @@ import re
 import signal
 import ssl
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -174,6 +177,20 @@ def check_busy(args):
     assert out.count(429) >= 1, f"a full queue answers 429: {out}"
     assert all(o in (429, "length", "stop") for o in out), f"only 200s and 429s: {out}"
     print(f"busy: {out.count(429)} of 16 answered 429, the rest completed")
+
+    # With --allow-remote-images, http(s) image URLs are fetched (here from
+    # a local file server); a URL that fails is a 400 naming the field.
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=args.samples)
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{files.server_address[1]}"
+    msg = lambda u: [{"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": u}}]}]
+    r = c.chat.completions.create(model="slow", messages=msg(url + "/0.png"), max_tokens=3)
+    assert r.usage.prompt_tokens > 16, r.usage
+    e = expect_status(400, lambda: c.chat.completions.create(model="slow", messages=msg(url + "/missing.png"), max_tokens=3), "missing remote image")
+    assert e.body["param"] == "messages[0].content[1]" and "cannot fetch" in e.body["message"], e.body
+    files.shutdown()
+    print("remote images: fetched when allowed; a failed fetch is a 400")
 
     # A client that stops reading a stream cancels its sequence.
     before = metric(args.metrics, "autoglm_cancelled_sequences_total")

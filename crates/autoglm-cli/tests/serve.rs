@@ -158,6 +158,7 @@ fn openai_sdk_sees_429_cancels_closed_streams_and_drains_on_sigterm() {
             "1",
             "--queue",
             "1",
+            "--allow-remote-images",
         ],
         "sk-test-key-0003",
     );
@@ -173,6 +174,8 @@ fn openai_sdk_sees_429_cancels_closed_streams_and_drains_on_sigterm() {
         &metrics,
         "--pid",
         &pid,
+        "--samples",
+        root().join("assets/samples/easy-vqa").to_str().unwrap(),
     ]);
     terminate(s);
 }
