@@ -10,6 +10,7 @@ mod bench_lm;
 mod bench_serve;
 mod bench_train;
 mod commands;
+mod kg_cmd;
 mod serve_cmd;
 mod train_cmd;
 
@@ -66,6 +67,11 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Exact-match accuracy of a VLM on VQA examples.
     Eval(train_cmd::EvalArgs),
+    /// Knowledge graphs: load RDF, query with SPARQL, import WordNet.
+    Kg {
+        #[command(subcommand)]
+        command: kg_cmd::KgCommand,
+    },
     /// Serve a model over the OpenAI HTTP API (chat with images, embeddings).
     Serve(serve_cmd::ServeArgs),
     /// Zero-shot classification of images against free-text labels with a CLIP model.
@@ -164,6 +170,7 @@ fn main() -> ExitCode {
         Command::Classify(a) => commands::classify(g, a),
         Command::ZeroShot(a) => commands::zero_shot(g, a),
         Command::Serve(a) => serve_cmd::serve(g, a),
+        Command::Kg { command } => kg_cmd::kg(g, command),
         Command::Ask(a) => ask::ask(g, a),
         Command::Train(a) => train_cmd::train(g, a),
         Command::Eval(a) => train_cmd::eval(g, a),

@@ -15,6 +15,7 @@ pub mod dual;
 pub mod error;
 pub mod fusion;
 pub mod io;
+pub mod kg;
 pub mod nn;
 pub mod ops;
 pub mod text;
