@@ -25,6 +25,36 @@ pub enum KgCommand {
     Stats(StoreArg),
     /// Convert WordNet 3.0 (the `wordnet` asset) into RDF, into a store.
     ImportWordnet(ImportArgs),
+    /// Link a photo (EfficientNet-Lite0 → ImageNet class → synset) and the
+    /// question's words to WordNet, and print the ranked chains between them.
+    Paths(PathsArgs),
+}
+
+#[derive(Args)]
+pub struct PathsArgs {
+    /// The question ("Is this an animal?", "Does it have wheels?").
+    question: String,
+    /// A photo: its top ImageNet class is the entity.
+    #[arg(long, conflicts_with = "entity", required_unless_present = "entity")]
+    image: Option<PathBuf>,
+    /// An ImageNet / WordNet id instead of a photo (n02123045).
+    #[arg(long)]
+    entity: Option<String>,
+    /// The WordNet store (`autoglm kg import-wordnet`).
+    #[arg(long, default_value = "wordnet")]
+    store: String,
+    /// Part / member / substance hops allowed in a chain (0 to 3).
+    #[arg(long, default_value_t = 3)]
+    max_other_hops: usize,
+    /// Steps shown before a long is-a run is summarised.
+    #[arg(long, default_value_t = 5)]
+    keep: usize,
+    /// Score lost per step when ranking chains.
+    #[arg(long, default_value_t = 0.02)]
+    length_prior: f32,
+    /// Also print the linked entities, the SPARQL that ran and the scores.
+    #[arg(long)]
+    explain: bool,
 }
 
 #[derive(Args)]
@@ -91,6 +121,7 @@ pub fn kg(g: &Global, cmd: KgCommand) -> Result<()> {
         KgCommand::Query(a) => query(g, a),
         KgCommand::Stats(a) => stats(g, a),
         KgCommand::ImportWordnet(a) => import_wordnet(g, a),
+        KgCommand::Paths(a) => paths(g, a),
     }
 }
 
@@ -270,6 +301,267 @@ fn import_wordnet(g: &Global, a: ImportArgs) -> Result<()> {
             synsets.len(),
             path.display()
         );
+    }
+    Ok(())
+}
+
+fn paths(g: &Global, a: PathsArgs) -> Result<()> {
+    use autoglm::kg::reason::{retrieve, shortest_chain, Lexicon, ISA_CLOSURE, OTHER_HOPS};
+    if a.max_other_hops > autoglm::kg::reason::MAX_OTHER_HOPS {
+        bail!(
+            "--max-other-hops is at most {}",
+            autoglm::kg::reason::MAX_OTHER_HOPS
+        );
+    }
+    let t0 = Instant::now();
+    let kg = KnowledgeGraph::open(&store_path(&a.store))?;
+    let exc = assets::dir("wordnet")
+        .ok()
+        .and_then(|d| std::fs::read_to_string(d.join("noun.exc")).ok());
+    let lex = Lexicon::new(&kg, exc.as_deref())?;
+    let load_s = t0.elapsed().as_secs_f64();
+
+    // The entity: a photo's top ImageNet class, or a given id.
+    let (wnid, seen) = match (&a.image, &a.entity) {
+        (_, Some(e)) => (e.clone(), None),
+        (Some(img), None) => {
+            let dev = autoglm::default_device()?;
+            let clf = autoglm::vision::efficientnet::ImageClassifier::load(
+                &assets::dir("efficientnet-lite0")?,
+                &assets::dir("imagenet")?.join("labels.txt"),
+                &dev,
+            )?;
+            let imgs = crate::commands::load_images(g, std::slice::from_ref(img))?;
+            let top = clf.top_k(&imgs, 1)?.remove(0).remove(0);
+            let ids =
+                std::fs::read_to_string(assets::dir("imagenet")?.join("imagenet_synsets.txt"))?;
+            let wnid = ids
+                .split_whitespace()
+                .nth(top.index)
+                .with_context(|| format!("no WordNet id for ImageNet class {}", top.index))?
+                .to_string();
+            (wnid, Some((top.label, top.probability)))
+        }
+        (None, None) => bail!("pass --image PHOTO or --entity WNID"),
+    };
+    let entity = wordnet::synset_of_wnid(&wnid)
+        .with_context(|| format!("{wnid:?} is not a WordNet id (like n02123045)"))?;
+    let links = lex.link(&a.question);
+    if links.is_empty() {
+        bail!("no word of {:?} names a WordNet concept", a.question);
+    }
+    let t1 = Instant::now();
+    let edges = retrieve(&kg, &entity, a.max_other_hops)?;
+    let mut found = Vec::new();
+    for link in &links {
+        for target in &link.synsets {
+            if let Some(c) = shortest_chain(&edges, &entity, target, a.max_other_hops) {
+                found.push((link.text.clone(), target.clone(), c));
+            }
+        }
+    }
+    let retrieve_ms = t1.elapsed().as_secs_f64() * 1e3;
+    // Ranked by MiniLM similarity of the question to the verbalised
+    // chain, with a length prior.
+    let steps: Vec<Vec<String>> = found
+        .iter()
+        .map(|(_, _, c)| lex.verbalise(c, a.keep))
+        .collect();
+    let hops: Vec<usize> = found.iter().map(|(_, _, c)| c.hops()).collect();
+    let encoder = autoglm::text::bert::SentenceEncoder::load(
+        &assets::dir("minilm")?,
+        &autoglm::default_device()?,
+    )?;
+    let scores = autoglm::kg::reason::rank(&encoder, &a.question, &steps, &hops, a.length_prior)?;
+    let mut order: Vec<usize> = (0..found.len()).collect();
+    order.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]));
+    let chains: Vec<serde_json::Value> = order
+        .iter()
+        .map(|&i| {
+            let (text, target, c) = &found[i];
+            json!({
+                "concept": text, "synset": target, "label": lex.label(target), "hops": c.hops(),
+                "score": scores[i], "steps": steps[i],
+            })
+        })
+        .collect();
+    if g.json {
+        println!(
+            "{}",
+            json!({
+                "entity": {"wnid": wnid, "synset": entity, "label": lex.label(&entity),
+                           "seen_as": seen.as_ref().map(|(l, p)| json!({"label": l, "probability": p}))},
+                "links": links.iter().map(|l| json!({"text": l.text, "synsets": l.synsets})).collect::<Vec<_>>(),
+                "chains": chains,
+                "retrieval_ms": retrieve_ms, "store_load_s": load_s,
+                "sparql": [ISA_CLOSURE, OTHER_HOPS],
+            })
+        );
+        return Ok(());
+    }
+    if let Some((label, p)) = &seen {
+        println!(
+            "the photo shows: {label} ({:.1} %) → {wnid} ({})",
+            p * 100.0,
+            lex.label(&entity)
+        );
+    } else {
+        println!("entity: {wnid} ({})", lex.label(&entity));
+    }
+    if a.explain {
+        for l in &links {
+            let shown: Vec<String> = l
+                .synsets
+                .iter()
+                .take(5)
+                .map(|s| format!("{} [{}]", lex.label(s), s.rsplit('/').next().unwrap_or(s)))
+                .collect();
+            println!(
+                "linked {:?} → {}{}",
+                l.text,
+                shown.join(", "),
+                if l.synsets.len() > 5 { ", …" } else { "" }
+            );
+        }
+        println!("SPARQL (?e bound to each entity):\n{ISA_CLOSURE}\n{OTHER_HOPS}");
+        println!(
+            "retrieval: {retrieve_ms:.1} ms over {} nodes (store loaded in {load_s:.1} s)",
+            edges.len()
+        );
+    }
+    match chains.first() {
+        None => println!(
+            "no chain joins {} to {:?} within {} part/member hops",
+            lex.label(&entity),
+            a.question,
+            a.max_other_hops
+        ),
+        Some(best) => {
+            println!(
+                "chain to {:?} ({:?}, {} steps, score {:.3}):",
+                best["concept"].as_str().unwrap_or(""),
+                best["label"].as_str().unwrap_or(""),
+                best["hops"],
+                best["score"].as_f64().unwrap_or(0.0)
+            );
+            for (i, s) in best["steps"].as_array().into_iter().flatten().enumerate() {
+                println!("  {}. {}", i + 1, s.as_str().unwrap_or(""));
+            }
+            if a.explain {
+                for c in chains.iter().skip(1).take(4) {
+                    println!(
+                        "also: {:?} ({:?}, {} steps, score {:.3}): {}",
+                        c["concept"].as_str().unwrap_or(""),
+                        c["label"].as_str().unwrap_or(""),
+                        c["hops"],
+                        c["score"].as_f64().unwrap_or(0.0),
+                        c["steps"]
+                            .as_array()
+                            .map(|v| v
+                                .iter()
+                                .filter_map(|s| s.as_str())
+                                .collect::<Vec<_>>()
+                                .join("; "))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The WordNet store.
+    #[arg(long, default_value = "wordnet")]
+    store: String,
+    /// Questions per chain length.
+    #[arg(long, default_value_t = 200)]
+    questions: usize,
+}
+
+/// Retrieval latency over the whole of WordNet: for ImageNet classes, the
+/// chain to their ancestor 2, 3 and 4 is-a steps up, retrieved with is-a
+/// paths only and with up to 3 part/member/substance hops.
+pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
+    use autoglm::kg::reason::{retrieve, shortest_chain};
+    let rss = || -> f64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            })
+            .unwrap_or(f64::NAN)
+            / 1024.0
+    };
+    let rss0 = rss();
+    let t0 = Instant::now();
+    let kg = KnowledgeGraph::open(&store_path(&a.store))?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let rss_store = rss() - rss0;
+    let ids = std::fs::read_to_string(assets::dir("imagenet")?.join("imagenet_synsets.txt"))?;
+    let entities: Vec<String> = ids
+        .split_whitespace()
+        .filter_map(wordnet::synset_of_wnid)
+        .collect();
+    let mut rows = Vec::new();
+    for hops in [2usize, 3, 4] {
+        for max_other in [0usize, 3] {
+            let mut times = Vec::new();
+            let mut asked = 0;
+            for e in entities
+                .iter()
+                .step_by((entities.len() / a.questions.max(1)).max(1))
+                .take(a.questions)
+            {
+                // The target: the ancestor `hops` is-a steps up (first parents).
+                let isa = retrieve(&kg, e, 0)?;
+                let mut cur = e.clone();
+                for _ in 0..hops {
+                    match isa
+                        .get(&cur)
+                        .and_then(|v| v.iter().find(|(r, _)| r.is_isa()))
+                    {
+                        Some((_, up)) => cur = up.clone(),
+                        None => break,
+                    }
+                }
+                let t = Instant::now();
+                let edges = retrieve(&kg, e, max_other)?;
+                let chain = shortest_chain(&edges, e, &cur, max_other);
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+                asked += 1;
+                if chain.is_none_or(|c| c.hops() > hops) {
+                    bail!("no chain of ≤ {hops} steps from {e} to {cur}");
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let p = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+            rows.push(json!({"hops": hops, "max_other_hops": max_other, "questions": asked, "p50_ms": p(0.5), "p99_ms": p(0.99)}));
+        }
+    }
+    let report = json!({"store_quads": kg.len()?, "load_seconds": load_s, "store_rss_mib": rss_store, "latency": rows});
+    if g.json {
+        println!("{report}");
+    } else {
+        println!(
+            "store: {} quads, loaded in {load_s:.1} s, {rss_store:.0} MiB resident",
+            kg.len()?
+        );
+        println!("hops  part/member hops  questions    p50 ms    p99 ms");
+        for r in &rows {
+            println!(
+                "{:>4}  {:>16}  {:>9}  {:>8.1}  {:>8.1}",
+                r["hops"],
+                r["max_other_hops"],
+                r["questions"],
+                r["p50_ms"].as_f64().unwrap_or(0.0),
+                r["p99_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
     Ok(())
 }

@@ -113,6 +113,8 @@ enum BenchCommand {
     /// Load test of `autoglm serve`: concurrent clients, mixed good and bad
     /// requests, batching on and off, resident memory.
     Serve(bench_serve::ServeBenchArgs),
+    /// Knowledge-graph retrieval latency (2-, 3-, 4-step chains) over WordNet.
+    Kg(kg_cmd::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -187,6 +189,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Serve(a),
         } => bench_serve::serve(g, a),
+        Command::Bench {
+            command: BenchCommand::Kg(a),
+        } => kg_cmd::bench(g, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

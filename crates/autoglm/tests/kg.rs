@@ -121,3 +121,81 @@ fn wordnet_import_matches_the_data_files_and_imagenet_links() {
         .unwrap();
     assert_eq!(a, Answer::Boolean(true));
 }
+
+#[test]
+fn questions_link_and_chains_are_retrieved_ranked_and_verbalised() {
+    use autoglm::kg::reason::{retrieve, shortest_chain, Lexicon, Relation};
+    let dir = common::asset("wordnet");
+    let kg = KnowledgeGraph::new().unwrap();
+    kg.store()
+        .extend(wordnet::quads(&wordnet::read_synsets(&dir).unwrap()))
+        .unwrap();
+    let exc = std::fs::read_to_string(dir.join("noun.exc")).unwrap();
+    let lex = Lexicon::new(&kg, Some(&exc)).unwrap();
+
+    // Linking: case, plurals (regular and irregular), multi-word lemmas,
+    // function words skipped.
+    let links = lex.link("Is this a Domestic Cat with two mice and some ice creams?");
+    let texts: Vec<&str> = links.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["Domestic Cat", "two", "mice", "ice creams"]);
+    let id = |wnid: &str| wordnet::synset_of_wnid(wnid).unwrap();
+    assert!(links[0].synsets.contains(&id("n02121808")), "domestic cat");
+    assert!(links[2].synsets.contains(&id("n02330245")), "mouse");
+    assert_eq!(lex.label(&id("n02123045")), "tabby");
+
+    // Is-a chains of any depth through the property path: tabby → animal.
+    let tabby = id("n02123045");
+    let edges = retrieve(&kg, &tabby, 0).unwrap();
+    let animal = id("n00015388");
+    let chain = shortest_chain(&edges, &tabby, &animal, 0).unwrap();
+    assert!(chain.steps.iter().all(|s| s.relation.is_isa()));
+    assert_eq!(chain.steps[0].from, tabby);
+    assert_eq!(chain.steps.last().unwrap().to, animal);
+    let words = lex.verbalise(&chain, 100);
+    assert_eq!(words[0], "a tabby is a kind of domestic cat");
+    // A long chain, condensed: tabby → … → entity, the root.
+    let entity = id("n00001740");
+    let long = shortest_chain(&edges, &tabby, &entity, 0).unwrap();
+    assert!(long.hops() >= 8, "{:?}", lex.verbalise(&long, 100));
+    let short = lex.verbalise(&long, 4);
+    assert_eq!(short.len(), 4);
+    assert_eq!(short[0], "a tabby is a kind of domestic cat");
+    assert!(short[2].contains("(via "), "{short:?}");
+    assert!(
+        short[3].ends_with("physical entity is a kind of entity"),
+        "{short:?}"
+    );
+    // The long chain: Egyptian cat → domestic cat → cat → feline →
+    // carnivore → placental → mammal.
+    let egyptian = id("n02124075");
+    let mammal = id("n01861778");
+    let e = retrieve(&kg, &egyptian, 0).unwrap();
+    let c = shortest_chain(&e, &egyptian, &mammal, 0).unwrap();
+    let labels: Vec<&str> = c.steps.iter().map(|s| lex.label(&s.to)).collect();
+    assert_eq!(
+        labels,
+        [
+            "domestic cat",
+            "cat",
+            "feline",
+            "carnivore",
+            "placental",
+            "mammal"
+        ]
+    );
+
+    // Part-of hops: a car (n02958343) has wheels, through its is-a closure.
+    let car = id("n02958343");
+    let edges = retrieve(&kg, &car, 3).unwrap();
+    let wheel = id("n04574999");
+    let c = shortest_chain(&edges, &car, &wheel, 3).unwrap();
+    assert!(
+        c.steps.iter().any(|s| s.relation == Relation::HasPart),
+        "{:?}",
+        lex.verbalise(&c, 100)
+    );
+    assert!(
+        shortest_chain(&edges, &car, &wheel, 0).is_none(),
+        "not without a part-of step"
+    );
+}

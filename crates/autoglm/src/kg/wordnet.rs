@@ -16,6 +16,8 @@ use crate::{Error, Result};
 pub const ID: &str = "http://wordnet-rdf.princeton.edu/id/";
 pub const ONTO: &str = "http://wordnet-rdf.princeton.edu/ontology#";
 pub const RDFS_LABEL: &str = "http://www.w3.org/2000/01/rdf-schema#label";
+/// The synset's first lemma, its head word.
+pub const PREF_LABEL: &str = "http://www.w3.org/2004/02/skos/core#prefLabel";
 const RDF_TYPE: &str = "http://www.w3.org/1999/02/22-rdf-syntax-ns#type";
 
 /// The pointer symbols imported, and their predicates (`wn:NAME`).
@@ -138,6 +140,7 @@ pub fn quads(synsets: &[Synset]) -> Vec<Quad> {
     let pos_p = node(format!("{ONTO}part_of_speech"));
     let gloss_p = node(format!("{ONTO}gloss"));
     let label = node(RDFS_LABEL.into());
+    let pref = node(PREF_LABEL.into());
     let rel: Vec<(&str, NamedNode)> = RELATIONS
         .iter()
         .map(|(_, n)| (*n, node(format!("{ONTO}{n}"))))
@@ -157,6 +160,14 @@ pub fn quads(synsets: &[Synset]) -> Vec<Quad> {
             Literal::new_simple_literal(s.pos.to_string()),
             g.clone(),
         ));
+        if let Some(head) = s.lemmas.first() {
+            out.push(Quad::new(
+                subj.clone(),
+                pref.clone(),
+                Literal::new_language_tagged_literal_unchecked(head, "en"),
+                g.clone(),
+            ));
+        }
         for l in &s.lemmas {
             out.push(Quad::new(
                 subj.clone(),
