@@ -194,7 +194,9 @@ def check_busy(args):
 
     # A client that stops reading a stream cancels its sequence.
     before = metric(args.metrics, "autoglm_cancelled_sequences_total")
-    s = c.chat.completions.create(model="slow", messages=[{"role": "user", "content": "go"}], max_tokens=3000, stream=True)
+    # Greedy: this prompt's answer on the random model has no end token in
+    # 3,000 tokens (sampled, one can come early and finish the stream first).
+    s = c.chat.completions.create(model="slow", messages=[{"role": "user", "content": "go on"}], max_tokens=3000, temperature=0, stream=True)
     n = 0
     for ch in s:
         n += 1
@@ -214,7 +216,7 @@ def check_busy(args):
 
     # SIGTERM during a stream: the stream still ends normally (within the
     # grace period), and new connections are refused.
-    s = c.chat.completions.create(model="slow", messages=[{"role": "user", "content": "go on"}], max_tokens=3000, temperature=0, stream=True)
+    s = c.chat.completions.create(model="slow", messages=[{"role": "user", "content": "go on"}], max_tokens=1500, temperature=0, stream=True)
     it = iter(s)
     next(it)
     os.kill(args.pid, signal.SIGTERM)

@@ -159,6 +159,8 @@ fn openai_sdk_sees_429_cancels_closed_streams_and_drains_on_sigterm() {
             "--queue",
             "1",
             "--allow-remote-images",
+            "--shutdown-grace",
+            "30",
         ],
         "sk-test-key-0003",
     );
