@@ -15,6 +15,8 @@ use crate::Global;
 
 /// The project's default model, relative to the repository root.
 const DEFAULT_MODEL: &str = "models/autoglm-tiny";
+/// The model that answers from knowledge-graph facts (`ask --kg`).
+pub(crate) const KG_READER: &str = "models/kg-reader";
 
 #[derive(Args)]
 pub struct GenArgs {
@@ -56,6 +58,22 @@ pub struct AskArgs {
     images: Vec<PathBuf>,
     #[command(flatten)]
     gen: GenArgs,
+    /// Ground the answer in a knowledge graph (a store name such as
+    /// `wordnet`, or an .nq file): the photo's ImageNet class is linked to
+    /// the graph, the chain for the question retrieved, and a reader model
+    /// (default models/kg-reader) answers from it.
+    #[arg(long)]
+    kg: Option<String>,
+    /// With --kg: a WordNet id (n02123045) instead of a photo.
+    #[arg(long, requires = "kg")]
+    entity: Option<String>,
+    /// With --kg: also print the linked words, the SPARQL, every chain's
+    /// score, the rule-based answer and the reader's prompt.
+    #[arg(long, requires = "kg")]
+    explain: bool,
+    /// With --kg: steps shown before a long is-a run is summarised.
+    #[arg(long, default_value_t = 5)]
+    keep: usize,
 }
 
 #[derive(Args)]
@@ -73,34 +91,75 @@ pub struct CaptionArgs {
 /// model of the repository this binary was built from (found from the
 /// binary's own path, so the working directory does not matter).
 pub(crate) fn model_dir(given: &Option<PathBuf>) -> Result<PathBuf> {
+    model_dir_named(given.as_ref(), DEFAULT_MODEL)
+}
+
+/// As [`model_dir`], for the repository's model at `default` (relative to
+/// the repository root); `$AUTOGLM_MODEL` counts only for the default model.
+pub(crate) fn model_dir_named(given: Option<&PathBuf>, default: &str) -> Result<PathBuf> {
     if let Some(d) = given {
         return Ok(d.clone());
     }
-    if let Some(d) = std::env::var_os("AUTOGLM_MODEL") {
-        return Ok(PathBuf::from(d));
+    if default == DEFAULT_MODEL {
+        if let Some(d) = std::env::var_os("AUTOGLM_MODEL") {
+            return Ok(PathBuf::from(d));
+        }
     }
     let mut tried = Vec::new();
     // target/{release,debug}/autoglm → the repository root is two levels up.
     if let Ok(exe) = std::env::current_exe() {
         for root in exe.ancestors().skip(1).take(4) {
-            tried.push(root.join(DEFAULT_MODEL));
+            tried.push(root.join(default));
         }
     }
     tried.push(
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../..")
-            .join(DEFAULT_MODEL),
+            .join(default),
     );
     if let Some(d) = tried.iter().find(|d| d.join("config.json").is_file()) {
         return Ok(d.clone());
     }
+    let how = if default == DEFAULT_MODEL {
+        "set AUTOGLM_MODEL, or train it: autoglm train --config configs/autoglm-tiny.json --out models/autoglm-tiny"
+    } else {
+        "or train it as docs/benchmarks.md says"
+    };
     bail!(
-        "no default model: {DEFAULT_MODEL} was not found beside this binary ({}); pass --model DIR, set AUTOGLM_MODEL, or train it: autoglm train --config configs/autoglm-tiny.json --out models/autoglm-tiny",
-        tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        "no {default} was found beside this binary ({}); pass --model DIR, {how}",
+        tried
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
 pub fn ask(g: &Global, a: AskArgs) -> Result<()> {
+    if let Some(store) = a.kg {
+        if a.images.len() > 1 {
+            bail!("--kg answers about one photo: pass one --image (or --entity WNID)");
+        }
+        if a.images.is_empty() && a.entity.is_none() {
+            bail!("--kg needs the thing asked about: --image PHOTO or --entity WNID");
+        }
+        let reader = match &a.gen.model {
+            Some(m) => m.clone(),
+            None => model_dir_named(None, KG_READER)?,
+        };
+        return crate::kg_cmd::ask_kg(
+            g,
+            crate::kg_cmd::KgAsk {
+                question: a.question,
+                image: a.images.into_iter().next(),
+                entity: a.entity,
+                store,
+                reader,
+                keep: a.keep,
+                explain: a.explain,
+            },
+        );
+    }
     run(g, &a.gen, &a.images, &a.question)
 }
 

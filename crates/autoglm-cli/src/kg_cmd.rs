@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use autoglm::io::assets;
 use autoglm::kg::{wordnet, Answer, KnowledgeGraph, QueryLimits};
 use clap::{Args, Subcommand, ValueEnum};
@@ -25,6 +25,14 @@ pub enum KgCommand {
     Stats(StoreArg),
     /// Convert WordNet 3.0 (the `wordnet` asset) into RDF, into a store.
     ImportWordnet(ImportArgs),
+    /// Generate question sets answered from retrieved chains (train: 800
+    /// ImageNet classes, test: the other 200), as VQA JSON lines for a
+    /// blind (text-only) `autoglm train`.
+    Questions(QuestionsArgs),
+    /// Questions about the scikit-image photos and Fashion-MNIST test
+    /// images: accuracy with the knowledge graph and without it, the
+    /// rule-based baseline, and the share of correct chains.
+    Eval(crate::kg_eval::EvalArgs),
     /// Link a photo (EfficientNet-Lite0 → ImageNet class → synset) and the
     /// question's words to WordNet, and print the ranked chains between them.
     Paths(PathsArgs),
@@ -107,7 +115,7 @@ pub struct ImportArgs {
     dir: Option<PathBuf>,
 }
 
-fn store_path(s: &str) -> PathBuf {
+pub fn store_path(s: &str) -> PathBuf {
     if s.ends_with(".nq") || s.contains('/') {
         PathBuf::from(s)
     } else {
@@ -122,6 +130,8 @@ pub fn kg(g: &Global, cmd: KgCommand) -> Result<()> {
         KgCommand::Stats(a) => stats(g, a),
         KgCommand::ImportWordnet(a) => import_wordnet(g, a),
         KgCommand::Paths(a) => paths(g, a),
+        KgCommand::Questions(a) => questions(g, a),
+        KgCommand::Eval(a) => crate::kg_eval::eval(g, a),
     }
 }
 
@@ -306,7 +316,7 @@ fn import_wordnet(g: &Global, a: ImportArgs) -> Result<()> {
 }
 
 fn paths(g: &Global, a: PathsArgs) -> Result<()> {
-    use autoglm::kg::reason::{retrieve, shortest_chain, Lexicon, ISA_CLOSURE, OTHER_HOPS};
+    use autoglm::kg::reason::{retrieve, shortest_chain, ISA_CLOSURE, OTHER_HOPS};
     if a.max_other_hops > autoglm::kg::reason::MAX_OTHER_HOPS {
         bail!(
             "--max-other-hops is at most {}",
@@ -315,35 +325,10 @@ fn paths(g: &Global, a: PathsArgs) -> Result<()> {
     }
     let t0 = Instant::now();
     let kg = KnowledgeGraph::open(&store_path(&a.store))?;
-    let exc = assets::dir("wordnet")
-        .ok()
-        .and_then(|d| std::fs::read_to_string(d.join("noun.exc")).ok());
-    let lex = Lexicon::new(&kg, exc.as_deref())?;
+    let lex = lexicon(&kg)?;
     let load_s = t0.elapsed().as_secs_f64();
 
-    // The entity: a photo's top ImageNet class, or a given id.
-    let (wnid, seen) = match (&a.image, &a.entity) {
-        (_, Some(e)) => (e.clone(), None),
-        (Some(img), None) => {
-            let dev = autoglm::default_device()?;
-            let clf = autoglm::vision::efficientnet::ImageClassifier::load(
-                &assets::dir("efficientnet-lite0")?,
-                &assets::dir("imagenet")?.join("labels.txt"),
-                &dev,
-            )?;
-            let imgs = crate::commands::load_images(g, std::slice::from_ref(img))?;
-            let top = clf.top_k(&imgs, 1)?.remove(0).remove(0);
-            let ids =
-                std::fs::read_to_string(assets::dir("imagenet")?.join("imagenet_synsets.txt"))?;
-            let wnid = ids
-                .split_whitespace()
-                .nth(top.index)
-                .with_context(|| format!("no WordNet id for ImageNet class {}", top.index))?
-                .to_string();
-            (wnid, Some((top.label, top.probability)))
-        }
-        (None, None) => bail!("pass --image PHOTO or --entity WNID"),
-    };
+    let (wnid, seen) = entity_of(g, a.image.as_ref(), a.entity.as_deref())?;
     let entity = wordnet::synset_of_wnid(&wnid)
         .with_context(|| format!("{wnid:?} is not a WordNet id (like n02123045)"))?;
     let links = lex.link(&a.question);
@@ -564,4 +549,304 @@ pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(Args)]
+pub struct QuestionsArgs {
+    /// Output directory: train.jsonl, test.jsonl, entities/ (one 1×1 PNG
+    /// per class, so that splits and held-out sets go by entity).
+    #[arg(long)]
+    out: PathBuf,
+    /// The WordNet store.
+    #[arg(long, default_value = "wordnet")]
+    store: String,
+    /// Questions per ImageNet class (is-a, part-of, what-kind in turn).
+    #[arg(long, default_value_t = 12)]
+    per_entity: usize,
+    /// Facts kept per chain.
+    #[arg(long, default_value_t = 5)]
+    keep: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn questions(g: &Global, a: QuestionsArgs) -> Result<()> {
+    use autoglm::kg::qa::{generate, prompt, prompt_without_kg};
+    let t0 = Instant::now();
+    let kg = KnowledgeGraph::open(&store_path(&a.store))?;
+    let lex = lexicon(&kg)?;
+    let ids = std::fs::read_to_string(assets::dir("imagenet")?.join("imagenet_synsets.txt"))?;
+    let wnids: Vec<String> = ids.split_whitespace().map(String::from).collect();
+    let ents = a.out.join("entities");
+    std::fs::create_dir_all(&ents).with_context(|| format!("creating {}", ents.display()))?;
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(1, 1, image::Rgb([128, 128, 128]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    let mut counts = serde_json::Map::new();
+    for (split, train) in [("train", true), ("test", false)] {
+        // Every fifth class is a test class: no entity is in both splits.
+        let chosen: Vec<&String> = wnids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (i % 5 != 0) == train)
+            .map(|(_, w)| w)
+            .collect();
+        let entities: Vec<String> = chosen
+            .iter()
+            .map(|w| {
+                wordnet::synset_of_wnid(w)
+                    .ok_or_else(|| anyhow!("imagenet_synsets.txt: {w} is not a WordNet id"))
+            })
+            .collect::<Result<_>>()?;
+        let (qs, report) = generate(
+            &kg,
+            &lex,
+            &entities,
+            a.per_entity,
+            a.keep,
+            a.seed + u64::from(train),
+        )?;
+        let mut with_kg = String::new();
+        let mut without = String::new();
+        for g in &qs {
+            let q = &g.question;
+            let wnid = wnid_of(&q.entity);
+            let img = format!("entities/{wnid}.png");
+            if !a.out.join(&img).is_file() {
+                std::fs::write(a.out.join(&img), &png)?;
+            }
+            let row = |text: String| {
+                json!({"image": img, "question": text, "answer": q.answer, "kind": q.kind, "entity": wnid})
+                    .to_string()
+                    + "\n"
+            };
+            with_kg.push_str(&row(prompt(
+                lex.label(&q.entity),
+                &g.facts.steps,
+                &q.question,
+            )));
+            without.push_str(&row(prompt_without_kg(lex.label(&q.entity), &q.question)));
+        }
+        autoglm::train::write_atomic(&a.out.join(format!("{split}.jsonl")), with_kg.as_bytes())?;
+        autoglm::train::write_atomic(
+            &a.out.join(format!("{split}-no-kg.jsonl")),
+            without.as_bytes(),
+        )?;
+        counts.insert(
+            split.into(),
+            json!({"questions": qs.len(), "entities": entities.len(), "report": report}),
+        );
+    }
+    let report = json!({"out": a.out, "splits": counts, "seconds": t0.elapsed().as_secs_f64()});
+    if g.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+/// The entity asked about: a photo's top ImageNet class (EfficientNet-Lite0)
+/// with its label and probability, or a given WordNet id.
+pub fn entity_of(
+    g: &Global,
+    image: Option<&PathBuf>,
+    entity: Option<&str>,
+) -> Result<(String, Option<(String, f32)>)> {
+    match (image, entity) {
+        (_, Some(e)) => Ok((e.to_string(), None)),
+        (Some(img), None) => {
+            let dev = autoglm::default_device()?;
+            let clf = autoglm::vision::efficientnet::ImageClassifier::load(
+                &assets::dir("efficientnet-lite0")?,
+                &assets::dir("imagenet")?.join("labels.txt"),
+                &dev,
+            )?;
+            let imgs = crate::commands::load_images(g, std::slice::from_ref(img))?;
+            let top = clf.top_k(&imgs, 1)?.remove(0).remove(0);
+            let ids =
+                std::fs::read_to_string(assets::dir("imagenet")?.join("imagenet_synsets.txt"))?;
+            let wnid = ids
+                .split_whitespace()
+                .nth(top.index)
+                .with_context(|| format!("no WordNet id for ImageNet class {}", top.index))?
+                .to_string();
+            Ok((wnid, Some((top.label, top.probability))))
+        }
+        (None, None) => bail!("pass --image PHOTO or --entity WNID"),
+    }
+}
+
+/// `autoglm ask --kg STORE`: recognise the photo, retrieve the chain for
+/// the question, and let the reader model answer from it.
+pub struct KgAsk {
+    pub question: String,
+    pub image: Option<PathBuf>,
+    pub entity: Option<String>,
+    pub store: String,
+    pub reader: PathBuf,
+    pub keep: usize,
+    pub explain: bool,
+}
+
+pub fn ask_kg(g: &Global, a: KgAsk) -> Result<()> {
+    use autoglm::assistant::{Assistant, Overflow};
+    use autoglm::kg::qa::{facts_for, prompt, rule_answer};
+    use autoglm::kg::reason::{
+        rank, retrieve, shortest_chain, ISA_CLOSURE, MAX_OTHER_HOPS, OTHER_HOPS,
+    };
+    use autoglm::text::generate::GenerateConfig;
+    let path = store_path(&a.store);
+    if !path.is_file() && a.store == "wordnet" {
+        bail!(
+            "{} not found: import WordNet once with `autoglm kg import-wordnet` (it needs the `wordnet` asset: scripts/fetch-assets.sh wordnet)",
+            path.display()
+        );
+    }
+    let kg = KnowledgeGraph::open(&path)?;
+    let lex = lexicon(&kg)?;
+    let dev = autoglm::default_device()?;
+    let reader = Assistant::load(&a.reader, &dev)
+        .with_context(|| format!("loading the reader model {}", a.reader.display()))?;
+    let (wnid, seen) = entity_of(g, a.image.as_ref(), a.entity.as_deref())?;
+    let entity = wordnet::synset_of_wnid(&wnid)
+        .with_context(|| format!("{wnid:?} is not a WordNet id (like n02123045)"))?;
+    let t0 = Instant::now();
+    let edges = retrieve(&kg, &entity, MAX_OTHER_HOPS)?;
+    let facts = facts_for(&edges, &lex, &entity, &a.question, a.keep);
+    let retrieval_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let text = prompt(lex.label(&entity), &facts.steps, &a.question);
+    let cfg = GenerateConfig {
+        max_new_tokens: 16,
+        ..GenerateConfig::default()
+    };
+    let answer = reader.ask(&[], &text, &cfg, Overflow::Error, &mut |_| true)?;
+    let rule = rule_answer(&lex, &a.question, facts.chain.as_ref());
+    // For --explain: every linked concept's chain, ranked by MiniLM.
+    let links = lex.link(&a.question);
+    let mut ranked = Vec::new();
+    if a.explain {
+        let mut found = Vec::new();
+        for l in &links {
+            for t in &l.synsets {
+                if let Some(c) = shortest_chain(&edges, &entity, t, MAX_OTHER_HOPS) {
+                    found.push((l.text.clone(), t.clone(), c));
+                }
+            }
+        }
+        let steps: Vec<Vec<String>> = found
+            .iter()
+            .map(|(_, _, c)| lex.verbalise(c, a.keep))
+            .collect();
+        let hops: Vec<usize> = found.iter().map(|(_, _, c)| c.hops()).collect();
+        if !found.is_empty() {
+            let enc = autoglm::text::bert::SentenceEncoder::load(&assets::dir("minilm")?, &dev)?;
+            let scores = rank(&enc, &a.question, &steps, &hops, 0.02)?;
+            for (i, (text, target, c)) in found.iter().enumerate() {
+                ranked.push(
+                    json!({"concept": text, "synset": target, "label": lex.label(target),
+                    "hops": c.hops(), "score": scores[i], "steps": steps[i]}),
+                );
+            }
+            ranked.sort_by(|x, y| {
+                y["score"]
+                    .as_f64()
+                    .partial_cmp(&x["score"].as_f64())
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+        }
+    }
+    if g.json {
+        println!(
+            "{}",
+            json!({
+                "answer": answer.text.trim(),
+                "entity": {"wnid": wnid, "synset": entity, "label": lex.label(&entity),
+                           "seen_as": seen.as_ref().map(|(l, p)| json!({"label": l, "probability": p}))},
+                "facts": facts.steps,
+                "chain_reaches_question": facts.chain.is_some(),
+                "rule_answer": rule,
+                "reader": a.reader,
+                "retrieval_ms": retrieval_ms,
+                "explain": a.explain.then(|| json!({
+                    "links": links.iter().map(|l| json!({"text": l.text, "synsets": l.synsets})).collect::<Vec<_>>(),
+                    "sparql": [ISA_CLOSURE, OTHER_HOPS],
+                    "chains": ranked,
+                    "prompt": text,
+                })),
+            })
+        );
+        return Ok(());
+    }
+    if let Some((label, p)) = &seen {
+        println!(
+            "the photo shows: {label} ({:.1} %) → {wnid} ({})",
+            p * 100.0,
+            lex.label(&entity)
+        );
+    }
+    println!("{}", answer.text.trim());
+    println!(
+        "{}",
+        if facts.chain.is_some() {
+            "because:"
+        } else {
+            "no chain reaches the question; what the graph says of it:"
+        }
+    );
+    for (i, s) in facts.steps.iter().enumerate() {
+        println!("  {}. {s}", i + 1);
+    }
+    if a.explain {
+        for l in &links {
+            let shown: Vec<String> = l
+                .synsets
+                .iter()
+                .take(5)
+                .map(|s| format!("{} ({})", wnid_of(s), lex.label(s)))
+                .collect();
+            println!(
+                "linked {:?} → {}{}",
+                l.text,
+                shown.join(", "),
+                if l.synsets.len() > 5 { ", …" } else { "" }
+            );
+        }
+        println!("SPARQL (?e bound to each entity):\n{ISA_CLOSURE}\n{OTHER_HOPS}");
+        println!("retrieval: {retrieval_ms:.1} ms over {} nodes", edges.len());
+        for c in &ranked {
+            println!(
+                "chain to {:?} ({}, {} steps): MiniLM score {:.3}",
+                c["concept"].as_str().unwrap_or(""),
+                c["label"].as_str().unwrap_or(""),
+                c["hops"],
+                c["score"].as_f64().unwrap_or(0.0)
+            );
+        }
+        println!(
+            "rule-based answer from the chain: {}",
+            rule.as_deref()
+                .unwrap_or("(question form not known to the rule)")
+        );
+        println!("the reader ({}) read:\n{text}", a.reader.display());
+    }
+    Ok(())
+}
+
+/// The store's lexicon, with WordNet's irregular plurals when the
+/// `wordnet` asset is installed.
+pub fn lexicon(kg: &KnowledgeGraph) -> Result<autoglm::kg::reason::Lexicon> {
+    let exc = assets::dir("wordnet")
+        .ok()
+        .and_then(|d| std::fs::read_to_string(d.join("noun.exc")).ok());
+    Ok(autoglm::kg::reason::Lexicon::new(kg, exc.as_deref())?)
+}
+
+/// `n02123045` from a synset IRI `…/id/02123045-n`.
+pub fn wnid_of(iri: &str) -> String {
+    let id = iri.rsplit('/').next().unwrap_or(iri);
+    match id.split_once('-') {
+        Some((off, pos)) => format!("{pos}{off}"),
+        None => id.to_string(),
+    }
 }

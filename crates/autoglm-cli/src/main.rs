@@ -10,7 +10,9 @@ mod bench_lm;
 mod bench_serve;
 mod bench_train;
 mod commands;
+mod fashion_cmd;
 mod kg_cmd;
+mod kg_eval;
 mod serve_cmd;
 mod train_cmd;
 
@@ -67,6 +69,11 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Exact-match accuracy of a VLM on VQA examples.
     Eval(train_cmd::EvalArgs),
+    /// The Fashion-MNIST classifier used by the knowledge-graph evaluation.
+    Fashion {
+        #[command(subcommand)]
+        command: fashion_cmd::FashionCommand,
+    },
     /// Knowledge graphs: load RDF, query with SPARQL, import WordNet.
     Kg {
         #[command(subcommand)]
@@ -173,6 +180,7 @@ fn main() -> ExitCode {
         Command::ZeroShot(a) => commands::zero_shot(g, a),
         Command::Serve(a) => serve_cmd::serve(g, a),
         Command::Kg { command } => kg_cmd::kg(g, command),
+        Command::Fashion { command } => fashion_cmd::fashion(g, command),
         Command::Ask(a) => ask::ask(g, a),
         Command::Train(a) => train_cmd::train(g, a),
         Command::Eval(a) => train_cmd::eval(g, a),

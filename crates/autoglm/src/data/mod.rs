@@ -3,6 +3,7 @@
 //! in worker threads with prefetch and shuffles deterministically by seed.
 
 pub mod easy_vqa;
+pub mod fashion_mnist;
 pub mod jsonl;
 pub mod loader;
 

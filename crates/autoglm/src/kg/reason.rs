@@ -23,7 +23,7 @@ pub const MAX_OTHER_HOPS: usize = 3;
 const MAX_NODES: usize = 20_000;
 
 /// The relation of one step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Relation {
     IsA,
     InstanceOf,
@@ -115,7 +115,7 @@ SELECT ?e ?a ?p ?b WHERE {
 }";
 
 /// Edges out of each node, as retrieved.
-type Edges = HashMap<String, Vec<(Relation, String)>>;
+pub type Edges = HashMap<String, Vec<(Relation, String)>>;
 
 fn edges_of(kg: &KnowledgeGraph, query: &str, entity: &str, into: &mut Edges) -> Result<usize> {
     let e = NamedNode::new(entity).map_err(|e| Error::Invalid(format!("entity IRI: {e}")))?;
@@ -175,6 +175,11 @@ pub fn retrieve(kg: &KnowledgeGraph, entity: &str, max_other: usize) -> Result<E
             break;
         }
         frontier = next;
+    }
+    // One order whatever the hash maps did: is-a first, then by IRI, so
+    // that equally short chains are chosen the same way every time.
+    for v in edges.values_mut() {
+        v.sort();
     }
     Ok(edges)
 }
@@ -369,34 +374,56 @@ impl Lexicon {
         out
     }
 
-    /// The chain as steps in plain words; chains longer than `keep` steps
-    /// keep their first and last steps around a summary of the is-a run
-    /// between them.
+    /// The chain as steps in plain words. A chain longer than `keep` steps
+    /// is condensed: an all-is-a chain keeps its first and last steps
+    /// around a summary of the run between them; a chain that mixes
+    /// relations has each run of three or more is-a steps summarised as
+    /// one step.
     pub fn verbalise(&self, chain: &Chain, keep: usize) -> Vec<String> {
         let say = |s: &Step| s.relation.say(self.label(&s.from), self.label(&s.to));
+        // One is-a step standing for `run`, naming at most three of the
+        // kinds it goes through: the question's concept is at an end of a
+        // step, never only in the run.
+        let summary = |run: &[Step]| {
+            let mut via: Vec<&str> = run[1..].iter().map(|s| self.label(&s.from)).collect();
+            if via.len() > 3 {
+                via.truncate(3);
+                via.push("…");
+            }
+            format!(
+                "{} (via {})",
+                Relation::IsA.say(self.label(&run[0].from), self.label(&run[run.len() - 1].to)),
+                via.join(", ")
+            )
+        };
         let n = chain.steps.len();
         let keep = keep.max(3);
         if n <= keep {
             return chain.steps.iter().map(say).collect();
         }
-        let head = keep / 2;
-        let tail = keep - head - 1;
-        let skipped = &chain.steps[head..n - tail];
-        let mut out: Vec<String> = chain.steps[..head].iter().map(say).collect();
-        if skipped.iter().all(|s| s.relation.is_isa()) {
-            let via: Vec<&str> = skipped[1..].iter().map(|s| self.label(&s.from)).collect();
-            out.push(format!(
-                "{} (via {})",
-                Relation::IsA.say(
-                    self.label(&skipped[0].from),
-                    self.label(&skipped[skipped.len() - 1].to)
-                ),
-                via.join(", ")
-            ));
-        } else {
-            out.extend(skipped.iter().map(say));
+        if chain.steps.iter().all(|s| s.relation.is_isa()) {
+            let head = keep / 2;
+            let tail = keep - head - 1;
+            let mut out: Vec<String> = chain.steps[..head].iter().map(say).collect();
+            out.push(summary(&chain.steps[head..n - tail]));
+            out.extend(chain.steps[n - tail..].iter().map(say));
+            return out;
         }
-        out.extend(chain.steps[n - tail..].iter().map(say));
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < n {
+            let run = chain.steps[i..]
+                .iter()
+                .take_while(|s| s.relation.is_isa())
+                .count();
+            if run >= 3 {
+                out.push(summary(&chain.steps[i..i + run]));
+                i += run;
+            } else {
+                out.push(say(&chain.steps[i]));
+                i += 1;
+            }
+        }
         out
     }
 }

@@ -2,4 +2,5 @@
 
 pub mod depthwise;
 pub mod efficientnet;
+pub mod pixel_mlp;
 pub mod vit;
