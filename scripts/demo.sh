@@ -61,3 +61,9 @@ r = json.load(urllib.request.urlopen(req))
 print("POST /v1/chat/completions:", image, "what shape is in the image? ->", r["choices"][0]["message"]["content"], "| usage", r["usage"])
 PY
 kill -TERM $SERVER && wait $SERVER && echo "stopped on SIGTERM"
+
+echo; echo "== ground answers in WordNet: photo → ImageNet class → synset → chain → the kg-reader model answers"
+[[ -f ${AUTOGLM_HOME:-$HOME/.cache/autoglm}/kg/wordnet.nq ]] || $AUTOGLM kg import-wordnet
+$AUTOGLM ask --kg wordnet --image "$PHOTOS/chelsea.png" "Is this an animal?"
+$AUTOGLM ask --kg wordnet --image "$PHOTOS/chelsea.png" "Does it have a tail?"
+$AUTOGLM ask --kg wordnet --image "$PHOTOS/motorcycle_left.png" "Is this a motor vehicle?" --explain

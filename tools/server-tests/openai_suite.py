@@ -249,9 +249,34 @@ def check_mtls(args):
     print("mtls: a client without a certificate is refused")
 
 
+def check_kg(args):
+    """The --kg model: a photo and a question, answered from WordNet facts."""
+    c = client(args)
+    ids = {m.id for m in c.models.list()}
+    assert "kg-reader" in ids, ids
+
+    def kg(question, n_images=1, **kw):
+        parts = [{"type": "text", "text": question}]
+        parts += [{"type": "image_url", "image_url": {"url": data_url(args.photo)}}] * n_images
+        return c.chat.completions.create(model="kg-reader", messages=[{"role": "user", "content": parts}], **kw)
+
+    r = kg("Is this an animal?")
+    assert r.choices[0].message.content == "yes", r
+    g = r.model_extra["grounding"]
+    assert g["seen_as"]["wnid"] == "n02123159", g  # tiger cat
+    assert g["chain_reaches_question"] and g["facts"][-1].endswith("animal"), g
+    assert g["rule_answer"] == "yes" and r.usage.prompt_tokens > 0, r
+    r = kg("Is this a vehicle?")
+    assert r.choices[0].message.content == "no", r
+    e = expect_status(400, lambda: kg("Is this an animal?", n_images=2), "two photos")
+    assert "exactly one image_url" in str(e), e
+    e = expect_status(400, lambda: kg("Is this an animal?", stream=True), "a stream")
+    assert "stream" in str(e), e
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("check", choices=["main", "busy", "mtls"])
+    p.add_argument("check", choices=["main", "busy", "mtls", "kg"])
     p.add_argument("--base", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--samples")
@@ -261,8 +286,9 @@ def main():
     p.add_argument("--ca")
     p.add_argument("--cert")
     p.add_argument("--client-key")
+    p.add_argument("--photo")
     args = p.parse_args()
-    {"main": check_main, "busy": check_busy, "mtls": check_mtls}[args.check](args)
+    {"main": check_main, "busy": check_busy, "mtls": check_mtls, "kg": check_kg}[args.check](args)
     print(f"openai {openai.__version__}: {args.check} checks passed")
 
 

@@ -566,8 +566,65 @@ pub struct QuestionsArgs {
     /// Facts kept per chain.
     #[arg(long, default_value_t = 5)]
     keep: usize,
+    /// Other WordNet nouns (not ImageNet classes, none named like one)
+    /// added to the training split: with thousands of names to copy, a
+    /// reader learns to read the name off the prompt instead of memorising
+    /// 800 of them.
+    #[arg(long, default_value_t = 0)]
+    extra_entities: usize,
+    /// Questions per extra noun.
+    #[arg(long, default_value_t = 5)]
+    extra_per_entity: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+/// `n` noun synsets with a head word, none of `exclude` and none named
+/// like one of them, in a seeded order.
+fn other_nouns(
+    kg: &KnowledgeGraph,
+    lex: &autoglm::kg::reason::Lexicon,
+    exclude: &[String],
+    n: usize,
+    seed: u64,
+) -> Result<Vec<String>> {
+    use std::collections::HashSet;
+    let q = format!("SELECT ?s WHERE {{ ?s <{}> ?l }}", wordnet::PREF_LABEL);
+    let limits = QueryLimits {
+        max_rows: 10_000_000,
+        ..QueryLimits::default()
+    };
+    let Answer::Solutions { rows, .. } = kg.query(&q, &[], limits)? else {
+        bail!("not a SELECT answer");
+    };
+    let skip: HashSet<&str> = exclude.iter().map(String::as_str).collect();
+    let names: HashSet<String> = exclude
+        .iter()
+        .map(|e| lex.label(e).to_lowercase())
+        .collect();
+    let mut all: Vec<String> = rows
+        .into_iter()
+        .filter_map(|r| match &r[0] {
+            Some(Term::NamedNode(s)) => Some(s.as_str().to_string()),
+            _ => None,
+        })
+        .filter(|s| s.ends_with("-n") && !skip.contains(s.as_str()))
+        .filter(|s| !names.contains(&lex.label(s).to_lowercase()))
+        .collect();
+    all.sort();
+    all.dedup();
+    // A seeded Fisher–Yates shuffle (splitmix64), then the first n.
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for i in (1..all.len()).rev() {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        all.swap(i, (z % (i as u64 + 1)) as usize);
+    }
+    all.truncate(n);
+    Ok(all)
 }
 
 fn questions(g: &Global, a: QuestionsArgs) -> Result<()> {
@@ -598,7 +655,7 @@ fn questions(g: &Global, a: QuestionsArgs) -> Result<()> {
                     .ok_or_else(|| anyhow!("imagenet_synsets.txt: {w} is not a WordNet id"))
             })
             .collect::<Result<_>>()?;
-        let (qs, report) = generate(
+        let (mut qs, mut report) = generate(
             &kg,
             &lex,
             &entities,
@@ -606,6 +663,34 @@ fn questions(g: &Global, a: QuestionsArgs) -> Result<()> {
             a.keep,
             a.seed + u64::from(train),
         )?;
+        let mut extra = 0;
+        if train && a.extra_entities > 0 {
+            let all: Vec<String> = wnids
+                .iter()
+                .filter_map(|w| wordnet::synset_of_wnid(w))
+                .collect();
+            let others = other_nouns(&kg, &lex, &all, a.extra_entities, a.seed)?;
+            extra = others.len();
+            let (more, r) = generate(&kg, &lex, &others, a.extra_per_entity, a.keep, a.seed + 2)?;
+            for (k, n) in r.kept {
+                *report.kept.entry(k).or_default() += n;
+            }
+            for (k, n) in r.dropped {
+                *report.dropped.entry(k).or_default() += n;
+            }
+            // Interleaved with the ImageNet questions.
+            let every = (qs.len() / more.len().max(1)).max(1);
+            let mut more = more.into_iter();
+            let mut merged = Vec::new();
+            for (i, q) in std::mem::take(&mut qs).into_iter().enumerate() {
+                merged.push(q);
+                if i % every == 0 {
+                    merged.extend(more.next());
+                }
+            }
+            merged.extend(more);
+            qs = merged;
+        }
         let mut with_kg = String::new();
         let mut without = String::new();
         for g in &qs {
@@ -634,7 +719,7 @@ fn questions(g: &Global, a: QuestionsArgs) -> Result<()> {
         )?;
         counts.insert(
             split.into(),
-            json!({"questions": qs.len(), "entities": entities.len(), "report": report}),
+            json!({"questions": qs.len(), "entities": entities.len(), "extra_entities": extra, "report": report}),
         );
     }
     let report = json!({"out": a.out, "splits": counts, "seconds": t0.elapsed().as_secs_f64()});
@@ -690,12 +775,8 @@ pub struct KgAsk {
 }
 
 pub fn ask_kg(g: &Global, a: KgAsk) -> Result<()> {
-    use autoglm::assistant::{Assistant, Overflow};
-    use autoglm::kg::qa::{facts_for, prompt, rule_answer};
-    use autoglm::kg::reason::{
-        rank, retrieve, shortest_chain, ISA_CLOSURE, MAX_OTHER_HOPS, OTHER_HOPS,
-    };
-    use autoglm::text::generate::GenerateConfig;
+    use autoglm::kg::ground::Grounder;
+    use autoglm::kg::reason::{rank, shortest_chain, ISA_CLOSURE, MAX_OTHER_HOPS, OTHER_HOPS};
     let path = store_path(&a.store);
     if !path.is_file() && a.store == "wordnet" {
         bail!(
@@ -703,25 +784,26 @@ pub fn ask_kg(g: &Global, a: KgAsk) -> Result<()> {
             path.display()
         );
     }
-    let kg = KnowledgeGraph::open(&path)?;
-    let lex = lexicon(&kg)?;
     let dev = autoglm::default_device()?;
-    let reader = Assistant::load(&a.reader, &dev)
-        .with_context(|| format!("loading the reader model {}", a.reader.display()))?;
-    let (wnid, seen) = entity_of(g, a.image.as_ref(), a.entity.as_deref())?;
-    let entity = wordnet::synset_of_wnid(&wnid)
-        .with_context(|| format!("{wnid:?} is not a WordNet id (like n02123045)"))?;
-    let t0 = Instant::now();
-    let edges = retrieve(&kg, &entity, MAX_OTHER_HOPS)?;
-    let facts = facts_for(&edges, &lex, &entity, &a.question, a.keep);
-    let retrieval_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let text = prompt(lex.label(&entity), &facts.steps, &a.question);
-    let cfg = GenerateConfig {
-        max_new_tokens: 16,
-        ..GenerateConfig::default()
+    let mut gr = Grounder::load(&path, &a.reader, &dev).with_context(|| {
+        format!(
+            "loading {} and the reader {}",
+            path.display(),
+            a.reader.display()
+        )
+    })?;
+    gr.keep = a.keep;
+    let (wnid, seen) = match (&a.image, &a.entity) {
+        (_, Some(e)) => (e.clone(), None),
+        (Some(img), None) => {
+            let imgs = crate::commands::load_images(g, std::slice::from_ref(img))?;
+            let s = gr.recognise(&imgs[0])?;
+            (s.wnid.clone(), Some(s))
+        }
+        (None, None) => bail!("pass --image PHOTO or --entity WNID"),
     };
-    let answer = reader.ask(&[], &text, &cfg, Overflow::Error, &mut |_| true)?;
-    let rule = rule_answer(&lex, &a.question, facts.chain.as_ref());
+    let (res, edges) = gr.answer(&wnid, &a.question)?;
+    let (lex, entity) = (&gr.lex, &res.entity);
     // For --explain: every linked concept's chain, ranked by MiniLM.
     let links = lex.link(&a.question);
     let mut ranked = Vec::new();
@@ -729,7 +811,7 @@ pub fn ask_kg(g: &Global, a: KgAsk) -> Result<()> {
         let mut found = Vec::new();
         for l in &links {
             for t in &l.synsets {
-                if let Some(c) = shortest_chain(&edges, &entity, t, MAX_OTHER_HOPS) {
+                if let Some(c) = shortest_chain(&edges, entity, t, MAX_OTHER_HOPS) {
                     found.push((l.text.clone(), t.clone(), c));
                 }
             }
@@ -743,58 +825,55 @@ pub fn ask_kg(g: &Global, a: KgAsk) -> Result<()> {
             let enc = autoglm::text::bert::SentenceEncoder::load(&assets::dir("minilm")?, &dev)?;
             let scores = rank(&enc, &a.question, &steps, &hops, 0.02)?;
             for (i, (text, target, c)) in found.iter().enumerate() {
-                ranked.push(
+                ranked.push((
+                    scores[i],
                     json!({"concept": text, "synset": target, "label": lex.label(target),
                     "hops": c.hops(), "score": scores[i], "steps": steps[i]}),
-                );
+                ));
             }
-            ranked.sort_by(|x, y| {
-                y["score"]
-                    .as_f64()
-                    .partial_cmp(&x["score"].as_f64())
-                    .unwrap_or(std::cmp::Ordering::Equal)
-            });
+            ranked.sort_by(|x, y| y.0.total_cmp(&x.0));
         }
     }
+    let ranked: Vec<serde_json::Value> = ranked.into_iter().map(|(_, v)| v).collect();
     if g.json {
         println!(
             "{}",
             json!({
-                "answer": answer.text.trim(),
-                "entity": {"wnid": wnid, "synset": entity, "label": lex.label(&entity),
-                           "seen_as": seen.as_ref().map(|(l, p)| json!({"label": l, "probability": p}))},
-                "facts": facts.steps,
-                "chain_reaches_question": facts.chain.is_some(),
-                "rule_answer": rule,
+                "answer": res.answer,
+                "entity": {"wnid": wnid, "synset": entity, "label": lex.label(entity), "seen_as": seen},
+                "facts": res.facts.steps,
+                "chain_reaches_question": res.facts.chain.is_some(),
+                "rule_answer": res.rule_answer,
                 "reader": a.reader,
-                "retrieval_ms": retrieval_ms,
+                "retrieval_ms": res.retrieval_ms,
                 "explain": a.explain.then(|| json!({
                     "links": links.iter().map(|l| json!({"text": l.text, "synsets": l.synsets})).collect::<Vec<_>>(),
                     "sparql": [ISA_CLOSURE, OTHER_HOPS],
                     "chains": ranked,
-                    "prompt": text,
+                    "prompt": res.prompt,
                 })),
             })
         );
         return Ok(());
     }
-    if let Some((label, p)) = &seen {
+    if let Some(s) = &seen {
         println!(
-            "the photo shows: {label} ({:.1} %) → {wnid} ({})",
-            p * 100.0,
-            lex.label(&entity)
+            "the photo shows: {} ({:.1} %) → {wnid} ({})",
+            s.label,
+            s.probability * 100.0,
+            lex.label(entity)
         );
     }
-    println!("{}", answer.text.trim());
+    println!("{}", res.answer);
     println!(
         "{}",
-        if facts.chain.is_some() {
+        if res.facts.chain.is_some() {
             "because:"
         } else {
             "no chain reaches the question; what the graph says of it:"
         }
     );
-    for (i, s) in facts.steps.iter().enumerate() {
+    for (i, s) in res.facts.steps.iter().enumerate() {
         println!("  {}. {s}", i + 1);
     }
     if a.explain {
@@ -813,7 +892,11 @@ pub fn ask_kg(g: &Global, a: KgAsk) -> Result<()> {
             );
         }
         println!("SPARQL (?e bound to each entity):\n{ISA_CLOSURE}\n{OTHER_HOPS}");
-        println!("retrieval: {retrieval_ms:.1} ms over {} nodes", edges.len());
+        println!(
+            "retrieval: {:.1} ms over {} nodes",
+            res.retrieval_ms,
+            edges.len()
+        );
         for c in &ranked {
             println!(
                 "chain to {:?} ({}, {} steps): MiniLM score {:.3}",
@@ -825,10 +908,11 @@ pub fn ask_kg(g: &Global, a: KgAsk) -> Result<()> {
         }
         println!(
             "rule-based answer from the chain: {}",
-            rule.as_deref()
-                .unwrap_or("(question form not known to the rule)")
+            res.rule_answer
+                .as_deref()
+                .unwrap_or("(a question form the rule does not know)")
         );
-        println!("the reader ({}) read:\n{text}", a.reader.display());
+        println!("the reader ({}) read:\n{}", a.reader.display(), res.prompt);
     }
     Ok(())
 }
@@ -836,10 +920,7 @@ pub fn ask_kg(g: &Global, a: KgAsk) -> Result<()> {
 /// The store's lexicon, with WordNet's irregular plurals when the
 /// `wordnet` asset is installed.
 pub fn lexicon(kg: &KnowledgeGraph) -> Result<autoglm::kg::reason::Lexicon> {
-    let exc = assets::dir("wordnet")
-        .ok()
-        .and_then(|d| std::fs::read_to_string(d.join("noun.exc")).ok());
-    Ok(autoglm::kg::reason::Lexicon::new(kg, exc.as_deref())?)
+    Ok(autoglm::kg::ground::lexicon(kg)?)
 }
 
 /// `n02123045` from a synset IRI `…/id/02123045-n`.

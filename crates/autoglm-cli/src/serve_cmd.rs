@@ -68,6 +68,14 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may run on after SIGTERM.
     #[arg(long, default_value_t = 10)]
     shutdown_grace: u64,
+    /// Also serve a model (named after the reader's directory, `kg-reader`)
+    /// whose answers about a photo are grounded in this knowledge graph
+    /// (a store name such as `wordnet`, or an .nq file), as `ask --kg`.
+    #[arg(long)]
+    kg: Option<String>,
+    /// The reader model for --kg (default: models/kg-reader).
+    #[arg(long, requires = "kg")]
+    kg_reader: Option<PathBuf>,
 }
 
 pub fn serve(g: &Global, a: ServeArgs) -> Result<()> {
@@ -107,6 +115,20 @@ pub fn serve(g: &Global, a: ServeArgs) -> Result<()> {
     cfg.allow_remote_images = a.allow_remote_images;
     cfg.request_timeout = Duration::from_secs(a.request_timeout.max(1));
     cfg.shutdown_grace = Duration::from_secs(a.shutdown_grace);
+    if let Some(store) = a.kg {
+        let path = crate::kg_cmd::store_path(&store);
+        if !path.is_file() {
+            anyhow::bail!(
+                "--kg {store}: {} not found; import WordNet once with `autoglm kg import-wordnet`",
+                path.display()
+            );
+        }
+        cfg.kg = Some(autoglm_server::KgServe {
+            store: path,
+            reader: crate::ask::model_dir_named(a.kg_reader.as_ref(), crate::ask::KG_READER)?,
+            name: None,
+        });
+    }
     if cfg.api_keys.is_empty() {
         eprintln!("warning: no API keys (--api-key-file, AUTOGLM_API_KEYS): anyone who can reach {} may use the server", cfg.addr);
     }

@@ -126,3 +126,151 @@ fn load_query_stats_and_bad_input() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["quads"], 4, "failed loads change nothing");
 }
+
+fn photo(name: &str) -> String {
+    autoglm::io::assets::dir("photos")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn json_ok(args: &[&str]) -> serde_json::Value {
+    let (ok, out, err) = autoglm(args);
+    assert!(ok, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+/// `ask --kg`: a real photo is recognised, linked to WordNet, and the
+/// shipped reader answers from the retrieved chain; then `kg eval` over
+/// the photos and Fashion-MNIST test images, with and without the graph.
+#[test]
+fn ask_with_the_knowledge_graph_and_its_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("wordnet.nq");
+    let store = store.to_str().unwrap();
+    let (ok, _, err) = autoglm(&["kg", "import-wordnet", "--store", store]);
+    assert!(ok, "{err}");
+
+    let cat = photo("chelsea.png");
+    let ask = |img: &str, q: &str| {
+        json_ok(&[
+            "--json",
+            "ask",
+            "--kg",
+            store,
+            "--image",
+            img,
+            q,
+            "--explain",
+        ])
+    };
+    let v = ask(&cat, "Is this an animal?");
+    assert_eq!(v["answer"], "yes", "{v}");
+    assert_eq!(v["rule_answer"], "yes");
+    assert_eq!(v["chain_reaches_question"], true);
+    let facts: Vec<&str> = v["facts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(
+        facts[0].starts_with("a tiger cat is a kind of"),
+        "{facts:?}"
+    );
+    assert!(facts.last().unwrap().ends_with("animal"), "{facts:?}");
+    assert!(v["explain"]["sparql"][0]
+        .as_str()
+        .unwrap()
+        .contains("hypernym"));
+    assert!(v["explain"]["chains"][0]["score"].is_number(), "{v}");
+
+    let v = ask(&cat, "Is this a vehicle?");
+    assert_eq!(v["answer"], "no", "{v}");
+    assert_eq!(v["chain_reaches_question"], false);
+    let v = ask(&cat, "Does it have a tail?");
+    assert_eq!(v["answer"], "yes", "{v}");
+    assert!(
+        v["facts"][1]
+            .as_str()
+            .unwrap()
+            .ends_with("has a tail as a part"),
+        "{v}"
+    );
+    let v = ask(&photo("motorcycle_left.png"), "Is this a motor vehicle?");
+    assert_eq!(v["answer"], "yes", "{v}");
+    // "What kind" needs the name copied off the prompt, which the shipped
+    // reader has not learned (docs/benchmarks.md); the rule reads it.
+    let v = ask(&cat, "What kind of feline is this?");
+    assert_eq!(v["rule_answer"], "tiger cat", "{v}");
+
+    // Text for people: the answer, then the chain.
+    let (ok, out, err) = autoglm(&[
+        "ask",
+        "--kg",
+        store,
+        "--entity",
+        "n02123045",
+        "Is this a mammal?",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("yes\nbecause:\n  1. a tabby is a kind of domestic cat"),
+        "{out}"
+    );
+
+    // Bad input.
+    let (ok, _, err) = autoglm(&["ask", "--kg", store, "Is this an animal?"]);
+    assert!(
+        !ok && err.contains("--image PHOTO or --entity WNID"),
+        "{err}"
+    );
+    let (ok, _, err) = autoglm(&[
+        "ask",
+        "--kg",
+        store,
+        "--entity",
+        "cat",
+        "Is this an animal?",
+    ]);
+    assert!(!ok && err.contains("not a WordNet id"), "{err}");
+    let missing = dir.path().join("none.nq");
+    let (ok, _, err) = autoglm(&[
+        "ask",
+        "--kg",
+        missing.to_str().unwrap(),
+        "--entity",
+        "n02123045",
+        "Is it?",
+    ]);
+    assert!(!ok && err.contains("none.nq"), "{err}");
+
+    // The evaluation (docs/benchmarks.md runs it on 1,000 images).
+    let v = json_ok(&[
+        "--json",
+        "kg",
+        "eval",
+        "--store",
+        store,
+        "--fashion-images",
+        "300",
+    ]);
+    let set = |s: &str, k: &str| {
+        v["sets"][s][k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{s}/{k}: {v}"))
+    };
+    for s in ["photos", "fashion-mnist"] {
+        assert!(set(s, "questions") >= 50.0, "{v}");
+        // Measured on 1,000 images: 78.9 % with, 52.1 % without (photos:
+        // 70.3 % and 52.3 %).
+        let (with, without) = (set(s, "accuracy_with_kg"), set(s, "accuracy_without_kg"));
+        assert!(with >= 0.62, "{s}: {v}");
+        assert!(with >= without + 0.10, "{s}: {v}");
+    }
+    assert!(
+        v["fashion_classifier_accuracy"].as_f64().unwrap() >= 0.85,
+        "{v}"
+    );
+}

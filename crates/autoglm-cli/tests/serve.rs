@@ -255,3 +255,34 @@ fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
     ]);
     terminate(s);
 }
+
+/// `--kg`: a second model, `kg-reader`, answers about a photo from WordNet
+/// facts; the SDK sees the answer and the grounding beside it.
+#[test]
+fn openai_sdk_against_the_kg_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("wordnet.nq");
+    let out = Command::new(env!("CARGO_BIN_EXE_autoglm"))
+        .args(["kg", "import-wordnet", "--store", store.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = serve(&["--kg", store.to_str().unwrap()], "sk-test-key-0003");
+    let photo = autoglm::io::assets::dir("photos")
+        .unwrap()
+        .join("chelsea.png");
+    suite(&[
+        "kg",
+        "--base",
+        &s.base,
+        "--key",
+        "sk-test-key-0003",
+        "--photo",
+        photo.to_str().unwrap(),
+    ]);
+    terminate(s);
+}

@@ -25,12 +25,23 @@ pub(crate) async fn completions(
 ) -> Result<Response, ApiError> {
     let bytes = read_body(body, st.max_body_bytes).await?;
     let req: ChatRequest = api::parse(&bytes)?;
+    if let Some((name, grounder)) = &st.kg {
+        if req.model == *name {
+            let (name, grounder) = (name.clone(), grounder.clone());
+            return crate::kg::complete(st, grounder, name, req).await;
+        }
+    }
     if req.model != st.model_name {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
-                "the model `{}` does not exist here; this server serves `{}` (GET /v1/models)",
-                req.model, st.model_name
+                "the model `{}` does not exist here; this server serves `{}`{} (GET /v1/models)",
+                req.model,
+                st.model_name,
+                st.kg
+                    .as_ref()
+                    .map(|(k, _)| format!(" and `{k}`"))
+                    .unwrap_or_default()
             ),
         )
         .code("model_not_found"));

@@ -18,6 +18,7 @@ mod embeddings;
 pub mod engine;
 pub mod error;
 pub mod images;
+mod kg;
 pub mod metrics;
 pub mod tls;
 
@@ -69,6 +70,18 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// How long in-flight requests may run on after SIGTERM.
     pub shutdown_grace: Duration,
+    /// A second model whose answers are grounded in a knowledge graph.
+    pub kg: Option<KgServe>,
+}
+
+/// `--kg`: the store and the reader model that answers from its facts.
+#[derive(Debug, Clone)]
+pub struct KgServe {
+    pub store: PathBuf,
+    pub reader: PathBuf,
+    /// The name clients pass as `model` (default: the reader's directory
+    /// name).
+    pub name: Option<String>,
 }
 
 impl ServeConfig {
@@ -92,6 +105,7 @@ impl ServeConfig {
             allow_remote_images: false,
             request_timeout: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(10),
+            kg: None,
         }
     }
 }
@@ -111,6 +125,7 @@ pub(crate) struct AppState {
     pub max_images: usize,
     pub queue: usize,
     pub request_timeout: Duration,
+    pub kg: Option<(String, Arc<autoglm::kg::ground::Grounder>)>,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -139,6 +154,15 @@ impl Server {
             .model_name
             .clone()
             .unwrap_or_else(|| dir_name(&cfg.model_dir));
+        let kg = match &cfg.kg {
+            Some(k) => Some((
+                k.name.clone().unwrap_or_else(|| dir_name(&k.reader)),
+                Arc::new(autoglm::kg::ground::Grounder::load(
+                    &k.store, &k.reader, &dev,
+                )?),
+            )),
+            None => None,
+        };
         let metrics = Arc::new(Metrics::new());
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue);
         let engine = engine::spawn(assistant.clone(), metrics.clone(), cfg.max_batch, rx)
@@ -160,6 +184,7 @@ impl Server {
             max_images: cfg.max_images,
             queue: cfg.queue,
             request_timeout: cfg.request_timeout,
+            kg,
         });
         Ok(Self {
             app: router(state),
@@ -270,6 +295,9 @@ async fn models(State(st): State<Shared>) -> impl IntoResponse {
     let mut data = vec![serde_json::json!({
         "id": st.model_name, "object": "model", "created": 0, "owned_by": "open-autoglm",
     })];
+    if let Some((k, _)) = &st.kg {
+        data.push(serde_json::json!({"id": k, "object": "model", "created": 0, "owned_by": "open-autoglm"}));
+    }
     if let Some(e) = &st.embedding_name {
         data.push(serde_json::json!({"id": e, "object": "model", "created": 0, "owned_by": "open-autoglm"}));
     }
