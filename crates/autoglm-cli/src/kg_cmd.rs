@@ -394,20 +394,7 @@ fn paths(g: &Global, a: PathsArgs) -> Result<()> {
         println!("entity: {wnid} ({})", lex.label(&entity));
     }
     if a.explain {
-        for l in &links {
-            let shown: Vec<String> = l
-                .synsets
-                .iter()
-                .take(5)
-                .map(|s| format!("{} [{}]", lex.label(s), s.rsplit('/').next().unwrap_or(s)))
-                .collect();
-            println!(
-                "linked {:?} → {}{}",
-                l.text,
-                shown.join(", "),
-                if l.synsets.len() > 5 { ", …" } else { "" }
-            );
-        }
+        print_links(&lex, &links);
         println!("SPARQL (?e bound to each entity):\n{ISA_CLOSURE}\n{OTHER_HOPS}");
         println!(
             "retrieval: {retrieve_ms:.1} ms over {} nodes (store loaded in {load_s:.1} s)",
@@ -877,20 +864,7 @@ pub fn ask_kg(g: &Global, a: KgAsk) -> Result<()> {
         println!("  {}. {s}", i + 1);
     }
     if a.explain {
-        for l in &links {
-            let shown: Vec<String> = l
-                .synsets
-                .iter()
-                .take(5)
-                .map(|s| format!("{} ({})", wnid_of(s), lex.label(s)))
-                .collect();
-            println!(
-                "linked {:?} → {}{}",
-                l.text,
-                shown.join(", "),
-                if l.synsets.len() > 5 { ", …" } else { "" }
-            );
-        }
+        print_links(lex, &links);
         println!("SPARQL (?e bound to each entity):\n{ISA_CLOSURE}\n{OTHER_HOPS}");
         println!(
             "retrieval: {:.1} ms over {} nodes",
@@ -915,6 +889,24 @@ pub fn ask_kg(g: &Global, a: KgAsk) -> Result<()> {
         println!("the reader ({}) read:\n{}", a.reader.display(), res.prompt);
     }
     Ok(())
+}
+
+/// `--explain`: each linked phrase and its first synsets.
+fn print_links(lex: &autoglm::kg::reason::Lexicon, links: &[autoglm::kg::reason::Link]) {
+    for l in links {
+        let shown: Vec<String> = l
+            .synsets
+            .iter()
+            .take(5)
+            .map(|s| format!("{} ({})", wnid_of(s), lex.label(s)))
+            .collect();
+        println!(
+            "linked {:?} → {}{}",
+            l.text,
+            shown.join(", "),
+            if l.synsets.len() > 5 { ", …" } else { "" }
+        );
+    }
 }
 
 /// The store's lexicon, with WordNet's irregular plurals when the
