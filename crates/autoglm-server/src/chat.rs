@@ -71,12 +71,7 @@ pub(crate) async fn completions(
         Ok((imgs, ids))
     })
     .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("request worker failed: {e}"),
-        )
-    })??;
+    .map_err(|e| ApiError::worker_failed("request", e))??;
 
     let ctx = st.assistant.model.lm.config.max_position_embeddings;
     let room = ctx.saturating_sub(prompt_ids.len());

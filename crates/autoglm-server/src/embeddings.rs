@@ -160,12 +160,7 @@ pub(crate) async fn embeddings(State(st): State<Shared>, body: Body) -> Result<R
             }
         })
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("embedding worker failed: {e}"),
-            )
-        })??;
+        .map_err(|e| ApiError::worker_failed("embedding", e))??;
     let data: Vec<serde_json::Value> = vectors
         .into_iter()
         .enumerate()

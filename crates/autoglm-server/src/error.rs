@@ -19,6 +19,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// A blocking task that panicked or was cancelled: a 500 naming it.
+    pub(crate) fn worker_failed(what: &str, e: tokio::task::JoinError) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{what} worker failed: {e}"),
+        )
+    }
+
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,

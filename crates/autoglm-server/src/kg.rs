@@ -8,7 +8,6 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use autoglm::kg::ground::Grounder;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use crate::api::{ChatRequest, Conversation};
@@ -69,12 +68,7 @@ pub(crate) async fn complete(
         Ok((seen, res))
     })
     .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("request worker failed: {e}"),
-        )
-    })??;
+    .map_err(|e| ApiError::worker_failed("request", e))??;
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

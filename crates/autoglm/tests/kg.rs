@@ -122,16 +122,23 @@ fn wordnet_import_matches_the_data_files_and_imagenet_links() {
     assert_eq!(a, Answer::Boolean(true));
 }
 
-#[test]
-fn questions_link_and_chains_are_retrieved_ranked_and_verbalised() {
-    use autoglm::kg::reason::{retrieve, shortest_chain, Lexicon, Relation};
+/// All of WordNet in a fresh store, and its lexicon with the irregular
+/// plurals.
+fn wordnet_with_lexicon() -> (KnowledgeGraph, autoglm::kg::reason::Lexicon) {
     let dir = common::asset("wordnet");
     let kg = KnowledgeGraph::new().unwrap();
     kg.store()
         .extend(wordnet::quads(&wordnet::read_synsets(&dir).unwrap()))
         .unwrap();
     let exc = std::fs::read_to_string(dir.join("noun.exc")).unwrap();
-    let lex = Lexicon::new(&kg, Some(&exc)).unwrap();
+    let lex = autoglm::kg::reason::Lexicon::new(&kg, Some(&exc)).unwrap();
+    (kg, lex)
+}
+
+#[test]
+fn questions_link_and_chains_are_retrieved_ranked_and_verbalised() {
+    use autoglm::kg::reason::{retrieve, shortest_chain, Relation};
+    let (kg, lex) = wordnet_with_lexicon();
 
     // Linking: case, plurals (regular and irregular), multi-word lemmas,
     // function words skipped.
@@ -206,14 +213,7 @@ fn questions_link_and_chains_are_retrieved_ranked_and_verbalised() {
 #[test]
 fn generated_questions_have_true_answers_and_readable_facts() {
     use autoglm::kg::qa::{generate, prompt, Form};
-    use autoglm::kg::reason::Lexicon;
-    let dir = common::asset("wordnet");
-    let kg = KnowledgeGraph::new().unwrap();
-    kg.store()
-        .extend(wordnet::quads(&wordnet::read_synsets(&dir).unwrap()))
-        .unwrap();
-    let exc = std::fs::read_to_string(dir.join("noun.exc")).unwrap();
-    let lex = Lexicon::new(&kg, Some(&exc)).unwrap();
+    let (kg, lex) = wordnet_with_lexicon();
     let ids =
         std::fs::read_to_string(common::asset("imagenet").join("imagenet_synsets.txt")).unwrap();
     // 30 ImageNet classes spread over the list: animals, artefacts, food.
