@@ -103,6 +103,13 @@ pub struct QueryArgs {
     /// Most results returned (an error beyond: add a LIMIT).
     #[arg(long, default_value_t = 100_000)]
     max_rows: usize,
+    /// Let `SERVICE <url> {…}` call that SPARQL endpoint over the network
+    /// (refused otherwise: the call sends part of the query there).
+    #[arg(long)]
+    allow_service: bool,
+    /// Seconds one SERVICE call may take.
+    #[arg(long, default_value_t = 30)]
+    service_timeout: u64,
 }
 
 #[derive(Args)]
@@ -165,7 +172,10 @@ fn load(g: &Global, a: LoadArgs) -> Result<()> {
 
 fn query(g: &Global, a: QueryArgs) -> Result<()> {
     let path = store_path(&a.store.store);
-    let kg = KnowledgeGraph::open(&path)?;
+    let mut kg = KnowledgeGraph::open(&path)?;
+    if a.allow_service {
+        kg.allow_federation(Duration::from_secs(a.service_timeout.max(1)));
+    }
     let limits = QueryLimits {
         timeout: Duration::from_secs(a.timeout.max(1)),
         max_rows: a.max_rows,
@@ -562,6 +572,11 @@ pub struct QuestionsArgs {
     /// Questions per extra noun.
     #[arg(long, default_value_t = 5)]
     extra_per_entity: usize,
+    /// Yet more WordNet nouns (after the extra ones), each with one "what
+    /// kind of X is this?" question only, added to the training split: each
+    /// name is seen once, so the answer can only be copied off the prompt.
+    #[arg(long, default_value_t = 0)]
+    copy_entities: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -614,6 +629,24 @@ fn other_nouns(
     Ok(all)
 }
 
+/// `b`'s items spread evenly among `a`'s, in order.
+fn interleave<T>(a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    if a.is_empty() {
+        return b;
+    }
+    let every = (a.len() / b.len().max(1)).max(1);
+    let mut b = b.into_iter();
+    let mut merged = Vec::new();
+    for (i, x) in a.into_iter().enumerate() {
+        merged.push(x);
+        if i % every == 0 {
+            merged.extend(b.next());
+        }
+    }
+    merged.extend(b);
+    merged
+}
+
 fn questions(g: &Global, a: QuestionsArgs) -> Result<()> {
     use autoglm::kg::qa::{generate, prompt, prompt_without_kg};
     let t0 = Instant::now();
@@ -651,14 +684,38 @@ fn questions(g: &Global, a: QuestionsArgs) -> Result<()> {
             a.seed + u64::from(train),
         )?;
         let mut extra = 0;
-        if train && a.extra_entities > 0 {
+        let mut copy = 0;
+        if train && a.extra_entities + a.copy_entities > 0 {
             let all: Vec<String> = wnids
                 .iter()
                 .filter_map(|w| wordnet::synset_of_wnid(w))
                 .collect();
-            let others = other_nouns(&kg, &lex, &all, a.extra_entities, a.seed)?;
+            let mut others =
+                other_nouns(&kg, &lex, &all, a.extra_entities + a.copy_entities, a.seed)?;
+            let copy_nouns = others.split_off(a.extra_entities.min(others.len()));
             extra = others.len();
-            let (more, r) = generate(&kg, &lex, &others, a.extra_per_entity, a.keep, a.seed + 2)?;
+            copy = copy_nouns.len();
+            let none = || Ok((Vec::new(), Default::default()));
+            let (mut more, r) = if others.is_empty() {
+                none()
+            } else {
+                generate(&kg, &lex, &others, a.extra_per_entity, a.keep, a.seed + 2)
+            }?;
+            // Five questions per noun, of which the fifth is the what-kind one.
+            let (copied, rc) = if copy_nouns.is_empty() {
+                none()
+            } else {
+                generate(&kg, &lex, &copy_nouns, 5, a.keep, a.seed + 3)
+            }?;
+            let copied: Vec<_> = copied
+                .into_iter()
+                .filter(|g| g.question.kind == "kind")
+                .collect();
+            report.kept.insert("copy-kind", copied.len());
+            report
+                .dropped
+                .insert("copy-kind", rc.dropped.get("kind").copied().unwrap_or(0));
+            more = interleave(more, copied);
             for (k, n) in r.kept {
                 *report.kept.entry(k).or_default() += n;
             }
@@ -666,17 +723,7 @@ fn questions(g: &Global, a: QuestionsArgs) -> Result<()> {
                 *report.dropped.entry(k).or_default() += n;
             }
             // Interleaved with the ImageNet questions.
-            let every = (qs.len() / more.len().max(1)).max(1);
-            let mut more = more.into_iter();
-            let mut merged = Vec::new();
-            for (i, q) in std::mem::take(&mut qs).into_iter().enumerate() {
-                merged.push(q);
-                if i % every == 0 {
-                    merged.extend(more.next());
-                }
-            }
-            merged.extend(more);
-            qs = merged;
+            qs = interleave(qs, more);
         }
         let mut with_kg = String::new();
         let mut without = String::new();
@@ -706,7 +753,7 @@ fn questions(g: &Global, a: QuestionsArgs) -> Result<()> {
         )?;
         counts.insert(
             split.into(),
-            json!({"questions": qs.len(), "entities": entities.len(), "extra_entities": extra, "report": report}),
+            json!({"questions": qs.len(), "entities": entities.len(), "extra_entities": extra, "copy_entities": copy, "report": report}),
         );
     }
     let report = json!({"out": a.out, "splits": counts, "seconds": t0.elapsed().as_secs_f64()});

@@ -10,6 +10,7 @@ mod bench_lm;
 mod bench_serve;
 mod bench_train;
 mod commands;
+mod data_cmd;
 mod fashion_cmd;
 mod kg_cmd;
 mod kg_eval;
@@ -69,6 +70,11 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Exact-match accuracy of a VLM on VQA examples.
     Eval(train_cmd::EvalArgs),
+    /// Generate datasets (Sort-of-CLEVR) as JSON lines with images.
+    Data {
+        #[command(subcommand)]
+        command: data_cmd::DataCommand,
+    },
     /// The Fashion-MNIST classifier used by the knowledge-graph evaluation.
     Fashion {
         #[command(subcommand)]
@@ -181,6 +187,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve_cmd::serve(g, a),
         Command::Kg { command } => kg_cmd::kg(g, command),
         Command::Fashion { command } => fashion_cmd::fashion(g, command),
+        Command::Data { command } => data_cmd::data(g, command),
         Command::Ask(a) => ask::ask(g, a),
         Command::Train(a) => train_cmd::train(g, a),
         Command::Eval(a) => train_cmd::eval(g, a),

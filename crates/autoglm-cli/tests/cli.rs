@@ -387,3 +387,101 @@ fn default_model_scores_on_the_easy_vqa_test_split() {
     assert!(acc >= 0.985, "easy-VQA test exact match {acc}");
     assert!(png.is_file());
 }
+
+/// `data sort-of-clevr` writes JSON lines `train` reads as they are, the
+/// same bytes for a seed, and images that show the scenes it describes.
+#[test]
+fn sort_of_clevr_is_written_readable_and_repeatable() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    for d in &dirs {
+        let out = d.path().to_str().unwrap();
+        let r = json_ok(&[
+            "--json",
+            "data",
+            "sort-of-clevr",
+            "--out",
+            out,
+            "--train-images",
+            "20",
+            "--test-images",
+            "5",
+            "--seed",
+            "3",
+        ]);
+        assert_eq!(r["images"], 25);
+        assert_eq!(r["questions"]["train"]["relational"], 200);
+        assert_eq!(r["questions"]["test"]["non_relational"], 50);
+    }
+    for f in [
+        "train.jsonl",
+        "test.jsonl",
+        "scenes.jsonl",
+        "images/00007.png",
+    ] {
+        let read = |d: &tempfile::TempDir| std::fs::read(d.path().join(f)).unwrap();
+        assert_eq!(
+            read(&dirs[0]),
+            read(&dirs[1]),
+            "{f} differs for the same seed"
+        );
+    }
+    let dir = dirs[0].path();
+    let (train, report) = autoglm::data::jsonl::load(&dir.join("train.jsonl"), true).unwrap();
+    assert_eq!((train.len(), report.bad.len()), (400, 0));
+    let answers: std::collections::BTreeSet<&str> =
+        train.iter().map(|e| e.answer.as_str()).collect();
+    for a in &answers {
+        assert!(
+            ["square", "circle", "left", "right", "top", "bottom", "1", "2", "3", "4", "5", "6"]
+                .contains(a),
+            "answer {a}"
+        );
+    }
+    // Each object is drawn at its centre in its colour; the answers to
+    // the position questions agree with the scene.
+    let colours = [
+        ("red", [255, 0, 0]),
+        ("green", [0, 255, 0]),
+        ("blue", [0, 0, 255]),
+        ("orange", [255, 156, 0]),
+        ("gray", [128, 128, 128]),
+        ("yellow", [255, 255, 0]),
+    ];
+    let scenes = std::fs::read_to_string(dir.join("scenes.jsonl")).unwrap();
+    let rows = std::fs::read_to_string(dir.join("train.jsonl")).unwrap();
+    for line in scenes.lines().take(20) {
+        let s: serde_json::Value = serde_json::from_str(line).unwrap();
+        let img = image::open(dir.join(s["image"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(img.dimensions(), (75, 75));
+        for o in s["objects"].as_array().unwrap() {
+            let (x, y) = (o["x"].as_u64().unwrap(), o["y"].as_u64().unwrap());
+            let rgb = colours.iter().find(|c| c.0 == o["color"]).unwrap().1;
+            assert_eq!(img.get_pixel(x as u32, y as u32).0, rgb, "{o}");
+            let q = format!(
+                "Is the {} object on the left or right of the image?",
+                o["color"].as_str().unwrap()
+            );
+            for r in rows
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            {
+                if r["image"] == s["image"] && r["question"] == q.as_str() {
+                    assert_eq!(r["answer"], if x < 37 { "left" } else { "right" });
+                }
+            }
+        }
+    }
+    let e = fails(&[
+        "data",
+        "sort-of-clevr",
+        "--out",
+        dir.to_str().unwrap(),
+        "--train-images",
+        "0",
+        "--test-images",
+        "0",
+    ]);
+    assert!(e.contains("nothing to write"), "{e}");
+}

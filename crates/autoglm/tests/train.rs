@@ -441,6 +441,50 @@ fn vqa_training_writes_a_usable_model() {
     assert_eq!(r.examples, 12);
     assert!((0.0..=1.0).contains(&r.accuracy));
     assert_eq!(r.per_type.values().map(|(n, _)| n).sum::<usize>(), 12);
+
+    // Fine-tuning from the saved model: one step at a vanishing rate keeps
+    // its weights and its tokenizer; a differently shaped model is refused.
+    let ft = tempfile::tempdir().unwrap();
+    let mut c = cfg(1);
+    c.peak_lr = 1e-12;
+    c.init_from = Some(dir.path().to_path_buf());
+    train_vqa(&c, ft.path(), false, &mut |_| {}).unwrap();
+    let load = |d: &std::path::Path| {
+        candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (before, after) = (load(dir.path()), load(ft.path()));
+    assert_eq!(before.len(), after.len());
+    for (name, t) in &before {
+        let d = (t - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "{name} moved by {d}");
+    }
+    assert_eq!(
+        std::fs::read(dir.path().join("tokenizer.json")).unwrap(),
+        std::fs::read(ft.path().join("tokenizer.json")).unwrap()
+    );
+    let mut wider = c.clone();
+    wider.text_hidden = 48;
+    let e = train_vqa(
+        &wider,
+        tempfile::tempdir().unwrap().path(),
+        false,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("init_from") && e.contains("different model"),
+        "{e}"
+    );
 }
 
 /// The confusion matrix counts true answer × given answer, with `(other)`

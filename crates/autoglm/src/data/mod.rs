@@ -6,6 +6,7 @@ pub mod easy_vqa;
 pub mod fashion_mnist;
 pub mod jsonl;
 pub mod loader;
+pub mod sort_of_clevr;
 
 use std::path::PathBuf;
 

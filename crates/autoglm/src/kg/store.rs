@@ -64,13 +64,118 @@ impl DefaultServiceHandler for RefuseService {
         _base_iri: Option<&oxiri::Iri<String>>,
     ) -> std::result::Result<oxigraph::sparql::QuerySolutionIter<'static>, Self::Error> {
         Err(std::io::Error::other(format!(
-            "federated SERVICE queries are disabled (SERVICE {service_name}): this store answers from its own data only"
+            "federated SERVICE queries are disabled (SERVICE {service_name}): this store answers from its own data only; `autoglm kg query --allow-service` enables them"
         )))
+    }
+}
+
+/// Federated `SERVICE` calls, for a store whose user enabled them
+/// ([`KnowledgeGraph::allow_federation`]): the service's part of the query
+/// is POSTed to the endpoint as a SPARQL SELECT, and its JSON, XML, CSV or
+/// TSV results join the local ones. No redirects (the user named this
+/// endpoint, not another), a time limit per call and a size limit on the
+/// answer.
+struct HttpService {
+    agent: ureq::Agent,
+    max_bytes: u64,
+}
+
+impl HttpService {
+    fn new(timeout: Duration) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self {
+            agent,
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+impl DefaultServiceHandler for HttpService {
+    type Error = std::io::Error;
+
+    fn handle(
+        &self,
+        service_name: &oxigraph::model::NamedNode,
+        pattern: &spargebra::algebra::GraphPattern,
+        base_iri: Option<&oxiri::Iri<String>>,
+    ) -> std::result::Result<oxigraph::sparql::QuerySolutionIter<'static>, Self::Error> {
+        use oxigraph::sparql::results::{
+            QueryResultsFormat, QueryResultsParser, ReaderQueryResultsParserOutput,
+        };
+        use std::io::Read;
+        let url = service_name.as_str();
+        let fail = |what: String| std::io::Error::other(format!("SERVICE <{url}>: {what}"));
+        let query = spargebra::Query::Select {
+            dataset: None,
+            pattern: pattern.clone(),
+            base_iri: base_iri.cloned(),
+        }
+        .to_string();
+        let resp = self
+            .agent
+            .post(url)
+            .header("content-type", "application/sparql-query")
+            .header(
+                "accept",
+                "application/sparql-results+json, application/sparql-results+xml;q=0.9",
+            )
+            .send(query.as_bytes())
+            .map_err(|e| fail(format!("cannot reach the endpoint: {e}")))?;
+        let status = resp.status();
+        let media = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let mut body = Vec::new();
+        resp.into_body()
+            .into_reader()
+            .take(self.max_bytes + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| fail(format!("cannot read the answer: {e}")))?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            return Err(fail(format!("the endpoint answered HTTP {status}: {text}")));
+        }
+        if body.len() as u64 > self.max_bytes {
+            return Err(fail(format!("the answer is over {} bytes", self.max_bytes)));
+        }
+        let format = QueryResultsFormat::from_media_type(&media).ok_or_else(|| {
+            fail(format!(
+                "the answer's content type `{media}` is not a SPARQL results format"
+            ))
+        })?;
+        let parsed = QueryResultsParser::from_format(format)
+            .for_reader(std::io::Cursor::new(body))
+            .map_err(|e| fail(format!("malformed results: {e}")))?;
+        let ReaderQueryResultsParserOutput::Solutions(solutions) = parsed else {
+            return Err(fail("the answer is a boolean, not solutions".into()));
+        };
+        let variables = solutions.variables().to_vec().into();
+        let service = url.to_string();
+        Ok(oxigraph::sparql::QuerySolutionIter::new(
+            variables,
+            Box::new(solutions.map(move |s| {
+                s.map_err(|e| {
+                    QueryEvaluationError::Service(
+                        format!("SERVICE <{service}>: malformed results: {e}").into(),
+                    )
+                })
+            })),
+        ))
     }
 }
 
 pub struct KnowledgeGraph {
     store: Store,
+    /// Time limit of one federated call; `None`: SERVICE is refused.
+    federation: Option<Duration>,
 }
 
 impl KnowledgeGraph {
@@ -78,7 +183,15 @@ impl KnowledgeGraph {
         Ok(Self {
             store: Store::new()
                 .map_err(|e| Error::Invalid(format!("cannot create the store: {e}")))?,
+            federation: None,
         })
+    }
+
+    /// Lets queries call other SPARQL endpoints with `SERVICE <url> {…}`,
+    /// each call within `timeout`. Off by default: a federated query sends
+    /// parts of itself (and so any user text in it) to that server.
+    pub fn allow_federation(&mut self, timeout: Duration) {
+        self.federation = Some(timeout);
     }
 
     /// Loads a store saved by [`Self::save`].
@@ -158,8 +271,11 @@ impl KnowledgeGraph {
         limits: QueryLimits,
     ) -> Result<Answer> {
         let token = CancellationToken::new();
-        let mut q = SparqlEvaluator::new()
-            .with_default_service_handler(RefuseService)
+        let evaluator = match self.federation {
+            None => SparqlEvaluator::new().with_default_service_handler(RefuseService),
+            Some(t) => SparqlEvaluator::new().with_default_service_handler(HttpService::new(t)),
+        };
+        let mut q = evaluator
             .with_cancellation_token(token.clone())
             .parse_query(sparql)
             .map_err(|e| Error::Invalid(format!("SPARQL syntax: {e}")))?;
@@ -435,6 +551,159 @@ ex:cat ex:label "cat" . ex:dog ex:label "dog \"the good\" boy" .
             .unwrap_err()
             .to_string();
         assert!(e.contains("SERVICE queries are disabled"), "{e}");
+    }
+
+    /// A SPARQL endpoint on a local port answering `n` queries from
+    /// `remote` as SPARQL JSON results; returns its URL and the queries it
+    /// received.
+    fn endpoint(
+        remote: KnowledgeGraph,
+        n: usize,
+    ) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        use oxigraph::sparql::results::{QueryResultsFormat, QueryResultsSerializer};
+        use std::io::{BufRead, Read};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/sparql", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for _ in 0..n {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let (mut len, mut media) = (0, String::new());
+                let mut request_line = String::new();
+                r.read_line(&mut request_line).unwrap();
+                assert!(request_line.starts_with("POST /sparql "), "{request_line}");
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    let Some((k, v)) = line.trim_end().split_once(':') else {
+                        break;
+                    };
+                    match k.to_ascii_lowercase().as_str() {
+                        "content-length" => len = v.trim().parse().unwrap(),
+                        "content-type" => media = v.trim().to_string(),
+                        _ => {}
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                let q = String::from_utf8(body).unwrap();
+                let Answer::Solutions { variables, rows } =
+                    remote.query(&q, &[], QueryLimits::default()).unwrap()
+                else {
+                    panic!("not a SELECT: {q}")
+                };
+                let vars: Vec<Variable> = variables
+                    .iter()
+                    .map(|v| Variable::new(v).unwrap())
+                    .collect();
+                let mut ser = QueryResultsSerializer::from_format(QueryResultsFormat::Json)
+                    .serialize_solutions_to_writer(Vec::new(), vars.clone())
+                    .unwrap();
+                for row in &rows {
+                    ser.serialize(
+                        vars.iter()
+                            .zip(row)
+                            .filter_map(|(v, t)| Some((v.as_ref(), t.as_ref()?.as_ref()))),
+                    )
+                    .unwrap();
+                }
+                let out = ser.finish().unwrap();
+                write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/sparql-results+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    out.len()
+                )
+                .unwrap();
+                conn.write_all(&out).unwrap();
+                seen.push(format!("{media}\n{q}"));
+            }
+            seen
+        });
+        (url, handle)
+    }
+
+    #[test]
+    fn federated_queries_once_enabled_join_the_endpoint_answers() {
+        let (remote, _d1) = kg_with(
+            r#"@prefix ex: <http://example.org/> .
+ex:cat ex:says "meow" . ex:dog ex:says "woof" . ex:feline ex:says "purr" ."#,
+        );
+        let (url, server) = endpoint(remote, 1);
+        let (mut kg, _d2) = kg_with(G);
+        let q = format!(
+            "PREFIX ex: <http://example.org/> SELECT ?x ?sound WHERE {{ ex:cat ex:isa* ?x . SERVICE <{url}> {{ ?x ex:says ?sound }} }} ORDER BY ?sound"
+        );
+        // Off by default: refused before anything is sent.
+        let e = kg
+            .query(&q, &[], QueryLimits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SERVICE queries are disabled") && e.contains("--allow-service"),
+            "{e}"
+        );
+        kg.allow_federation(Duration::from_secs(10));
+        let Answer::Solutions { rows, .. } = kg.query(&q, &[], QueryLimits::default()).unwrap()
+        else {
+            panic!("not solutions")
+        };
+        let got: Vec<(String, String)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r[0].as_ref().unwrap().to_string(),
+                    r[1].as_ref().unwrap().to_string(),
+                )
+            })
+            .collect();
+        // ex:cat and ex:feline are local kinds of cat; the dog's sound is
+        // in the remote store but not joined.
+        assert_eq!(
+            got,
+            [
+                (
+                    "<http://example.org/cat>".to_string(),
+                    "\"meow\"".to_string()
+                ),
+                (
+                    "<http://example.org/feline>".to_string(),
+                    "\"purr\"".to_string()
+                )
+            ]
+        );
+        let seen = server.join().unwrap();
+        assert!(
+            seen[0].starts_with("application/sparql-query\n"),
+            "{seen:?}"
+        );
+        assert!(seen[0].contains("says"), "{seen:?}");
+    }
+
+    #[test]
+    fn federated_query_to_a_dead_endpoint_is_an_error_naming_it() {
+        let (mut kg, _d) = kg_with(G);
+        kg.allow_federation(Duration::from_secs(5));
+        // A port that was just free: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = kg
+            .query(
+                &format!(
+                    "SELECT * WHERE {{ SERVICE <http://127.0.0.1:{port}/sparql> {{ ?s ?p ?o }} }}"
+                ),
+                &[],
+                QueryLimits::default(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("127.0.0.1:{port}")) && e.contains("cannot reach"),
+            "{e}"
+        );
     }
 
     #[test]

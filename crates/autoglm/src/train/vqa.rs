@@ -118,6 +118,12 @@ pub struct VqaTrainConfig {
     /// accuracy at each evaluation (teacher-forced exact match).
     #[serde(default = "held_out")]
     pub held_out_images: usize,
+    /// Start from a model saved by an earlier run (its directory): its
+    /// tokenizer and weights, instead of a new tokenizer and random
+    /// weights. The model this config builds must be the same shape as
+    /// that one's `config.json`. For fine-tuning on new data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<std::path::PathBuf>,
 }
 
 impl VqaTrainConfig {
@@ -398,7 +404,16 @@ pub fn train_vqa(
     )?;
     // Tokenizer, template and processor: what `ask` loads.
     let tok_path = out.join("tokenizer.json");
-    if !(resume && tok_path.exists()) {
+    if let (Some(src), false) = (&c.init_from, resume && tok_path.exists()) {
+        let from = src.join("tokenizer.json");
+        let bytes = std::fs::read(&from).map_err(|e| {
+            Error::Invalid(format!(
+                "training config: init_from: cannot read {}: {e}; point it at a model directory written by `autoglm train`",
+                from.display()
+            ))
+        })?;
+        super::write_atomic(&tok_path, &bytes)?;
+    } else if !(resume && tok_path.exists()) {
         let texts: Vec<String> = train
             .iter()
             .flat_map(|e| [e.question.clone(), e.answer.clone()])
@@ -454,6 +469,16 @@ pub fn train_vqa(
         &out.join("config.json"),
         &serde_json::to_string_pretty(&cfg_json).unwrap_or_default(),
     )?;
+    if let Some(src) = &c.init_from {
+        let theirs: serde_json::Value = crate::io::read_json(&src.join("config.json"))?;
+        if theirs != cfg_json {
+            return Err(Error::Invalid(format!(
+                "training config: init_from: {} is a different model from the one this config builds (compare its config.json with {}); match the sizes, vision and projector",
+                src.display(),
+                out.join("config.json").display()
+            )));
+        }
+    }
     let cfg: LlavaConfig =
         serde_json::from_value(cfg_json).map_err(|e| Error::Invalid(e.to_string()))?;
     cfg.validate(&out.join("config.json"))?;
@@ -464,6 +489,9 @@ pub fn train_vqa(
     // trains them, and they are added to the saved model at the end.
     let (model, frozen_dir) = build_model(vb, &cfg, effnet, c.image_size)?;
     init_weights(&vm, c.seed, c.init_std)?;
+    if let Some(src) = &c.init_from {
+        load_into(&vm, &src.join("model.safetensors"))?;
+    }
     let template = ChatTemplate::new(template_text, "<s>", "<|im_end|>")?;
     let end = tokenizer
         .token_id("<|im_end|>")
@@ -647,6 +675,34 @@ fn build_model(
     let evb = Safetensors::open_dir(&dir)?.var_builder(DType::F32, &Device::Cpu);
     let tower = VisionTower::EfficientNet(EfficientNet::new(evb, &ec)?);
     Ok((Llava::with_vision(tower, vb, cfg)?, Some(dir)))
+}
+
+/// Sets every variable of `vm` from the tensor of the same name in a saved
+/// model; a missing or differently shaped tensor is an error naming it.
+fn load_into(vm: &VarMap, path: &Path) -> Result<()> {
+    let saved = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let vars = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("variables poisoned".into()))?;
+    for (name, var) in vars.iter() {
+        let t = saved.get(name).ok_or_else(|| {
+            Error::Invalid(format!(
+                "training config: init_from: {} has no tensor `{name}`",
+                path.display()
+            ))
+        })?;
+        if t.dims() != var.dims() {
+            return Err(Error::Invalid(format!(
+                "training config: init_from: `{name}` is {:?} in {} but {:?} here",
+                t.dims(),
+                path.display(),
+                var.dims()
+            )));
+        }
+        var.set(t)?;
+    }
+    Ok(())
 }
 
 /// Writes `out/model.safetensors` atomically: the trained variables, plus
