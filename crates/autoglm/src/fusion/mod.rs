@@ -1,3 +1,5 @@
 //! Fusion of vision features into the language model.
 
+pub mod attention;
+pub mod gating;
 pub mod projector;

@@ -1,0 +1,421 @@
+//! Attention between modalities: multi-head cross-attention (text attends
+//! to image patches, or patches to text), Flamingo-style gated
+//! cross-attention blocks for inside a decoder, and top-k sparse attention.
+//!
+//! Everything here is built from candle's differentiable ops (the fused
+//! softmax has no backward; see [`crate::ops::softmax_last_dim`]), so it
+//! trains.
+
+use candle_core::{Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::nn::{layer_norm, linear_b, LayerNorm, Linear};
+use crate::ops::Act;
+use crate::{Error, Result};
+
+/// Keeps, in each row of `scores`, the `k` largest entries and sets the rest
+/// to −∞; rows are the last dim. Entries tied with the k-th largest are
+/// all kept. With `k` ≥ the row length the scores are returned unchanged,
+/// so top-k attention is then exactly dense attention.
+///
+/// # Shapes
+/// `scores`: (…, S) → (…, S)
+pub fn keep_top_k(scores: &Tensor, k: usize) -> Result<Tensor> {
+    if k == 0 {
+        return Err(Error::Invalid(
+            "top-k attention needs k ≥ 1: with k = 0 no key is attended".into(),
+        ));
+    }
+    let s = scores.dim(D::Minus1)?;
+    if k >= s {
+        return Ok(scores.clone());
+    }
+    // The threshold comes from a detached copy: gradients flow only
+    // through the kept scores.
+    let (sorted, _) = scores.detach().contiguous()?.sort_last_dim(false)?;
+    let kth = sorted.narrow(D::Minus1, k - 1, 1)?;
+    let keep = scores.broadcast_ge(&kth)?;
+    let off = Tensor::full(f32::NEG_INFINITY, scores.shape(), scores.device())?
+        .to_dtype(scores.dtype())?;
+    Ok(keep.where_cond(scores, &off)?)
+}
+
+/// Scaled dot-product attention, optionally restricted to each query's
+/// `top_k` highest-scoring keys.
+///
+/// # Shapes
+/// `q`: (B, h, T, d), `k`/`v`: (B, h, S, d), `bias` (added to the scores,
+/// 0 or −∞): broadcastable to (B, h, T, S) → (B, h, T, d)
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    top_k: Option<usize>,
+) -> Result<Tensor> {
+    let d = q.dim(D::Minus1)?;
+    let mut scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
+    if let Some(b) = bias {
+        scores = scores.broadcast_add(b)?;
+    }
+    if let Some(k) = top_k {
+        scores = keep_top_k(&scores, k)?;
+    }
+    let probs = crate::ops::softmax_last_dim(&scores)?;
+    Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+/// An additive attention bias from a key mask: 0 where `mask` is 1, −∞
+/// where it is 0.
+///
+/// # Shapes
+/// `mask`: (B, S), 1 = attend → (B, 1, 1, S)
+pub fn mask_bias(mask: &Tensor) -> Result<Tensor> {
+    let (b, s) = mask.dims2()?;
+    let keep = mask.ne(0f32)?;
+    let zero = Tensor::zeros((b, s), candle_core::DType::F32, mask.device())?;
+    let off = Tensor::full(f32::NEG_INFINITY, (b, s), mask.device())?;
+    Ok(keep.where_cond(&zero, &off)?.reshape((b, 1, 1, s))?)
+}
+
+/// Multi-head attention from one sequence (the queries: text tokens, say)
+/// to another (the keys and values: image patches), each of its own width.
+/// Weight names: `q_proj`, `k_proj`, `v_proj`, `o_proj`.
+pub struct CrossAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    head_dim: usize,
+    top_k: Option<usize>,
+}
+
+impl CrossAttention {
+    /// `query_dim` and `context_dim` are the two sequences' widths; the
+    /// attention runs at `heads` × `head_dim` and returns `query_dim`.
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        top_k: Option<usize>,
+    ) -> Result<Self> {
+        if heads == 0 || head_dim == 0 {
+            return Err(Error::Invalid(format!(
+                "cross-attention needs heads ≥ 1 and head_dim ≥ 1, got {heads} and {head_dim}"
+            )));
+        }
+        if top_k == Some(0) {
+            return Err(Error::Invalid(
+                "cross-attention: top_k must be ≥ 1 (or absent for dense attention)".into(),
+            ));
+        }
+        let inner = heads * head_dim;
+        Ok(Self {
+            q: linear_b(query_dim, inner, true, vb.pp("q_proj"))?,
+            k: linear_b(context_dim, inner, true, vb.pp("k_proj"))?,
+            v: linear_b(context_dim, inner, true, vb.pp("v_proj"))?,
+            o: linear_b(inner, query_dim, true, vb.pp("o_proj"))?,
+            heads,
+            head_dim,
+            top_k,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: (B, T, query_dim), `context`: (B, S, context_dim),
+    /// `context_mask`: (B, S), 1 = attend → (B, T, query_dim)
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        context_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (bc, s, _) = context.dims3()?;
+        if bc != b {
+            return Err(Error::Invalid(format!(
+                "cross-attention: {b} query sequences but {bc} contexts"
+            )));
+        }
+        let split = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, n, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split(self.q.forward(x)?, t)?;
+        let k = split(self.k.forward(context)?, s)?;
+        let v = split(self.v.forward(context)?, s)?;
+        let bias = context_mask.map(mask_bias).transpose()?;
+        let ctx = attend(&q, &k, &v, bias.as_ref(), self.top_k)?;
+        let ctx = ctx
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * self.head_dim))?;
+        self.o.forward(&ctx)
+    }
+}
+
+/// A Flamingo-style block for inside a decoder: the hidden states attend to
+/// the image, then pass a feed-forward layer, each added through a tanh
+/// gate that starts at 0, so that a pretrained decoder is unchanged until
+/// the gates learn to open:
+/// `x ← x + tanh(α_attn)·xattn(ln(x), image)`,
+/// `x ← x + tanh(α_ff)·ffn(ln(x))`.
+/// Weight names: `attn_gate`, `ff_gate`, `norm_attn`, `norm_ff`, `attn.*`,
+/// `ff.fc1`, `ff.fc2`.
+pub struct GatedCrossAttention {
+    attn: CrossAttention,
+    norm_attn: LayerNorm,
+    norm_ff: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    attn_gate: Tensor,
+    ff_gate: Tensor,
+}
+
+impl GatedCrossAttention {
+    pub fn new(
+        vb: VarBuilder,
+        hidden: usize,
+        image_dim: usize,
+        heads: usize,
+        top_k: Option<usize>,
+    ) -> Result<Self> {
+        if heads == 0 || hidden % heads != 0 {
+            return Err(Error::Invalid(format!(
+                "gated cross-attention: hidden {hidden} must be a positive multiple of heads {heads}"
+            )));
+        }
+        let zero = candle_nn::Init::Const(0.0);
+        Ok(Self {
+            attn: CrossAttention::new(
+                vb.pp("attn"),
+                hidden,
+                image_dim,
+                heads,
+                hidden / heads,
+                top_k,
+            )?,
+            norm_attn: layer_norm(hidden, 1e-5, vb.pp("norm_attn"))?,
+            norm_ff: layer_norm(hidden, 1e-5, vb.pp("norm_ff"))?,
+            fc1: linear_b(hidden, 4 * hidden, true, vb.pp("ff.fc1"))?,
+            fc2: linear_b(4 * hidden, hidden, true, vb.pp("ff.fc2"))?,
+            attn_gate: vb.get_with_hints(1, "attn_gate", zero)?,
+            ff_gate: vb.get_with_hints(1, "ff_gate", zero)?,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: (B, T, hidden), `image`: (B, S, image_dim), `image_mask`:
+    /// (B, S) → (B, T, hidden)
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        image: &Tensor,
+        image_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        use candle_nn::Module;
+        let a = self
+            .attn
+            .forward(&self.norm_attn.forward(x)?, image, image_mask)?;
+        let x = (x + a.broadcast_mul(&self.attn_gate.tanh()?)?)?;
+        let h = self
+            .fc1
+            .forward_act(&self.norm_ff.forward(&x)?, Act::GeluErf)?;
+        let f = self.fc2.forward(&h)?;
+        Ok((&x + f.broadcast_mul(&self.ff_gate.tanh()?)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarMap;
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn vec3(t: &Tensor) -> Vec<Vec<Vec<f32>>> {
+        t.to_vec3().unwrap()
+    }
+
+    /// Attention for one head in plain loops: the k largest scores of each
+    /// query (ties kept), softmax, weighted sum of values.
+    fn reference(q: &[Vec<f32>], k: &[Vec<f32>], v: &[Vec<f32>], top: usize) -> Vec<Vec<f32>> {
+        let d = q[0].len() as f32;
+        q.iter()
+            .map(|qi| {
+                let s: Vec<f32> = k
+                    .iter()
+                    .map(|kj| qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() / d.sqrt())
+                    .collect();
+                let mut sorted = s.clone();
+                sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+                let kth = sorted[top.min(s.len()) - 1];
+                let m = sorted[0];
+                let w: Vec<f32> = s
+                    .iter()
+                    .map(|&x| if x >= kth { (x - m).exp() } else { 0.0 })
+                    .collect();
+                let z: f32 = w.iter().sum();
+                (0..v[0].len())
+                    .map(|c| w.iter().zip(v).map(|(wj, vj)| wj * vj[c]).sum::<f32>() / z)
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn close(a: &[Vec<f32>], b: &[Vec<f32>]) {
+        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn top_k_attention_matches_loops_and_equals_dense_when_k_covers_the_keys() {
+        let (t, s, d) = (5, 9, 4);
+        let q = rand(&[1, 1, t, d], 1);
+        let k = rand(&[1, 1, s, d], 2);
+        let v = rand(&[1, 1, s, d], 3);
+        let rows = |x: &Tensor| vec3(&x.squeeze(0).unwrap())[0].clone();
+        let dense = attend(&q, &k, &v, None, None).unwrap();
+        for top in [1, 3, 8, 9, 50] {
+            let sparse = attend(&q, &k, &v, None, Some(top)).unwrap();
+            close(
+                &rows(&sparse),
+                &reference(&rows(&q), &rows(&k), &rows(&v), top),
+            );
+            if top >= s {
+                let diff = (&sparse - &dense)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap();
+                assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "k = {top}");
+            }
+        }
+        // k = 1 is a hard lookup: each query returns the value of its best key.
+        let one = rows(&attend(&q, &k, &v, None, Some(1)).unwrap());
+        let scores = rows(&q.matmul(&k.t().unwrap()).unwrap());
+        for (i, row) in scores.iter().enumerate() {
+            let best = (0..s)
+                .max_by(|&a, &b| row[a].partial_cmp(&row[b]).unwrap())
+                .unwrap();
+            close(&[one[i].clone()], &[rows(&v)[best].clone()]);
+        }
+        assert!(keep_top_k(&q, 0).is_err());
+    }
+
+    #[test]
+    fn top_k_attention_trains() {
+        let q = Var::from_tensor(&rand(&[1, 2, 3, 4], 4)).unwrap();
+        let k = rand(&[1, 2, 6, 4], 5);
+        let v = rand(&[1, 2, 6, 4], 6);
+        let y = attend(q.as_tensor(), &k, &v, None, Some(2)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let gq = g.get(q.as_tensor()).expect("a gradient reaches q");
+        let n = gq
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0);
+    }
+
+    #[test]
+    fn masked_keys_get_no_weight() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let xa = CrossAttention::new(vb, 6, 5, 2, 3, None).unwrap();
+        let x = rand(&[2, 4, 6], 7);
+        let ctx = rand(&[2, 7, 5], 8);
+        // Row 0 sees the first 3 context tokens, row 1 all 7.
+        let mask = Tensor::new(
+            &[[1f32, 1., 1., 0., 0., 0., 0.], [1., 1., 1., 1., 1., 1., 1.]],
+            &dev,
+        )
+        .unwrap();
+        let y = xa.forward(&x, &ctx, Some(&mask)).unwrap();
+        assert_eq!(y.dims(), &[2, 4, 6]);
+        // What row 0's masked tokens hold does not matter …
+        let junk = Tensor::cat(
+            &[
+                &ctx.narrow(0, 0, 1).unwrap().narrow(1, 0, 3).unwrap(),
+                &(rand(&[1, 4, 5], 9) * 100.0).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let ctx2 = Tensor::cat(&[&junk, &ctx.narrow(0, 1, 1).unwrap()], 0).unwrap();
+        let y2 = xa.forward(&x, &ctx2, Some(&mask)).unwrap();
+        close(&vec3(&y)[0], &vec3(&y2)[0]);
+        // … and it equals attending to the first 3 tokens alone.
+        let short = xa
+            .forward(
+                &x.narrow(0, 0, 1).unwrap(),
+                &ctx.narrow(0, 0, 1).unwrap().narrow(1, 0, 3).unwrap(),
+                None,
+            )
+            .unwrap();
+        close(&vec3(&y)[0], &vec3(&short)[0]);
+        assert!(xa.forward(&x, &ctx.narrow(0, 0, 1).unwrap(), None).is_err());
+        assert!(CrossAttention::new(
+            VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev),
+            6,
+            5,
+            2,
+            3,
+            Some(0)
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn gated_block_is_the_identity_until_its_gates_open() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let block = GatedCrossAttention::new(vb, 8, 5, 2, None).unwrap();
+        let x = rand(&[2, 3, 8], 10);
+        let img = rand(&[2, 4, 5], 11);
+        let y = block.forward(&x, &img, None).unwrap();
+        assert_eq!(vec3(&y), vec3(&x));
+        // Open the attention gate: the change is tanh(1) × the attention.
+        let vars = vm.data().lock().unwrap();
+        vars["attn_gate"]
+            .set(&Tensor::new(&[1f32], &dev).unwrap())
+            .unwrap();
+        drop(vars);
+        let y = block.forward(&x, &img, None).unwrap();
+        let a = block
+            .attn
+            .forward(
+                &candle_nn::Module::forward(&block.norm_attn, &x).unwrap(),
+                &img,
+                None,
+            )
+            .unwrap();
+        let want = (&x + (a * 1f64.tanh()).unwrap()).unwrap();
+        close(&vec3(&y)[0], &vec3(&want)[0]);
+        assert!(GatedCrossAttention::new(
+            VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev),
+            8,
+            5,
+            3,
+            None
+        )
+        .is_err());
+    }
+}
