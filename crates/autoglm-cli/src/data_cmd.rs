@@ -17,7 +17,8 @@ use crate::Global;
 pub enum DataCommand {
     /// Sort-of-CLEVR (Santoro et al. 2017): 75×75 images of six coloured
     /// squares and circles, 10 non-relational and 10 relational questions
-    /// each. Writes images/, train.jsonl, test.jsonl and scenes.jsonl.
+    /// each. Writes images/, {train,test}.jsonl, the same split by kind
+    /// ({train,test}-{relational,non-relational}.jsonl) and scenes.jsonl.
     SortOfClevr(SortOfClevrArgs),
 }
 
@@ -68,6 +69,8 @@ fn sort_of_clevr_cmd(g: &Global, a: SortOfClevrArgs) -> Result<()> {
     let mut all_scenes = String::new();
     for (split, range) in [("train", 0..a.train_images), ("test", a.train_images..n)] {
         let mut rows = String::new();
+        // The same rows again by kind, so `autoglm eval` scores each alone.
+        let (mut rel_rows, mut non_rel_rows) = (String::new(), String::new());
         let (mut rel, mut non_rel) = (0, 0);
         for i in range {
             let image = format!("images/{i:05}.png");
@@ -78,13 +81,17 @@ fn sort_of_clevr_cmd(g: &Global, a: SortOfClevrArgs) -> Result<()> {
                 } else {
                     non_rel += 1;
                 }
-                rows.push_str(
-                    &(json!({"image": image, "question": q.text, "answer": q.answer,
-                        "relational": relational, "type": q.kind.name(),
-                        "color": sort_of_clevr::COLORS[q.color].0})
-                    .to_string()
-                        + "\n"),
-                );
+                let row = json!({"image": image, "question": q.text, "answer": q.answer,
+                    "relational": relational, "type": q.kind.name(),
+                    "color": sort_of_clevr::COLORS[q.color].0})
+                .to_string()
+                    + "\n";
+                rows.push_str(&row);
+                if relational {
+                    rel_rows.push_str(&row);
+                } else {
+                    non_rel_rows.push_str(&row);
+                }
             }
             all_scenes.push_str(
                 &(json!({"image": image, "split": split, "objects": scenes[i].objects.iter().map(|o| json!({
@@ -93,7 +100,13 @@ fn sort_of_clevr_cmd(g: &Global, a: SortOfClevrArgs) -> Result<()> {
                     + "\n"),
             );
         }
-        autoglm::train::write_atomic(&a.out.join(format!("{split}.jsonl")), rows.as_bytes())?;
+        for (name, text) in [
+            (format!("{split}.jsonl"), &rows),
+            (format!("{split}-relational.jsonl"), &rel_rows),
+            (format!("{split}-non-relational.jsonl"), &non_rel_rows),
+        ] {
+            autoglm::train::write_atomic(&a.out.join(name), text.as_bytes())?;
+        }
         counts.insert(
             split.into(),
             json!({"relational": rel, "non_relational": non_rel}),

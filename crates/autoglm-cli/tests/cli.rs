@@ -428,6 +428,9 @@ fn sort_of_clevr_is_written_readable_and_repeatable() {
     let dir = dirs[0].path();
     let (train, report) = autoglm::data::jsonl::load(&dir.join("train.jsonl"), true).unwrap();
     assert_eq!((train.len(), report.bad.len()), (400, 0));
+    let rel = std::fs::read_to_string(dir.join("test-relational.jsonl")).unwrap();
+    assert_eq!(rel.lines().count(), 50);
+    assert!(rel.lines().all(|l| l.contains("\"relational\":true")));
     let answers: std::collections::BTreeSet<&str> =
         train.iter().map(|e| e.answer.as_str()).collect();
     for a in &answers {

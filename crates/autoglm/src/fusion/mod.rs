@@ -1,5 +1,6 @@
 //! Fusion of vision features into the language model.
 
 pub mod attention;
+pub mod fpn;
 pub mod gating;
 pub mod projector;
