@@ -272,7 +272,15 @@ pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
         max_new_tokens: 16,
         ..GenerateConfig::default()
     };
+    // Both readers answer yes, no, or with a phrase of their prompt (as
+    // `ask --kg` does).
     let ask = |m: &Assistant, text: &str| -> autoglm::Result<String> {
+        let cfg = GenerateConfig {
+            answer_space: Some(std::sync::Arc::new(
+                m.answer_space(&qa::reader_answers(text))?,
+            )),
+            ..cfg.clone()
+        };
         Ok(m.ask(&[], text, &cfg, Overflow::Error, &mut |_| true)?
             .text
             .trim()

@@ -97,6 +97,10 @@ pub struct EvalArgs {
     /// Also draw the confusion matrix of the answers into this PNG.
     #[arg(long)]
     confusion: Option<PathBuf>,
+    /// Restrict answers as the knowledge-graph reader's are: yes, no, or a
+    /// phrase of the prompt's Seen and Facts lines (`ask --kg` does this).
+    #[arg(long)]
+    kg_answers: bool,
 }
 
 pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
@@ -117,7 +121,8 @@ pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
     }
     let dev = autoglm::default_device()?;
     let model = crate::ask::model_dir(&a.model)?;
-    let r = evaluate(&model, &ex, &dev)?;
+    let kg_answers = autoglm::kg::qa::reader_answers;
+    let r = evaluate(&model, &ex, &dev, a.kg_answers.then_some(&kg_answers as _))?;
     let plotted = a.confusion.as_ref().map(|p| (p, r.confusion.plot(p)));
     if let Some((_, Err(e))) = &plotted {
         eprintln!("warning: no confusion matrix: {e}");

@@ -158,6 +158,16 @@ impl Assistant {
         self.model.expand_image_tokens(&ids, n_images)
     }
 
+    /// The closed answer set `answers` (texts) as this model's tokens, for
+    /// [`GenerateConfig::answer_space`].
+    pub fn answer_space(&self, answers: &[String]) -> Result<crate::text::generate::AnswerSpace> {
+        let mut space = crate::text::generate::AnswerSpace::new();
+        for a in answers {
+            space.insert(&self.tokenizer.encode_plain(a)?);
+        }
+        Ok(space)
+    }
+
     /// Answers `question` about `images`; `on_text` receives the answer as
     /// it grows (new text only) and returns false to stop.
     pub fn ask(

@@ -437,7 +437,7 @@ fn vqa_training_writes_a_usable_model() {
         .into_iter()
         .take(12)
         .collect();
-    let r = evaluate(dir.path(), &test, &Device::Cpu).unwrap();
+    let r = evaluate(dir.path(), &test, &Device::Cpu, None).unwrap();
     assert_eq!(r.examples, 12);
     assert!((0.0..=1.0).contains(&r.accuracy));
     assert_eq!(r.per_type.values().map(|(n, _)| n).sum::<usize>(), 12);

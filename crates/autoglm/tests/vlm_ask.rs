@@ -181,7 +181,7 @@ fn unknown_projector_and_mismatched_checkpoint() {
 }
 
 #[test]
-fn stop_strings_end_the_answer() {
+fn stop_strings_and_answer_spaces_shape_the_answer() {
     use autoglm::text::generate::{generate, Finish};
     let a = Assistant::load(&fixtures().join("llava-tiny-llama"), &Device::Cpu).unwrap();
     let lm = &a.model.lm;
@@ -230,9 +230,32 @@ fn stop_strings_end_the_answer() {
     }
     let bad = GenerateConfig {
         stop_strings: vec![String::new()],
-        ..cfg
+        ..cfg.clone()
     };
     assert!(generate(lm, &e, &prompt, &bad, Some(&decode), &mut |_| true).is_err());
+
+    // An answer space: the model's greedy choice among the tokens that
+    // stay on an answer. Answers built from its own unconstrained choice
+    // (full[0]) and from tokens it did not choose.
+    use autoglm::text::generate::AnswerSpace;
+    let stop = 0u32;
+    let other = (1..50).find(|t| !full.contains(t)).unwrap();
+    let mut space = AnswerSpace::new();
+    space.insert(&[full[0], other, other]);
+    space.insert(&[other]);
+    let cfg = GenerateConfig {
+        stop_token_ids: vec![stop],
+        answer_space: Some(std::sync::Arc::new(space.clone())),
+        ..cfg
+    };
+    let g = generate(lm, &e, &prompt, &cfg, Some(&decode), &mut |_| true).unwrap();
+    // Its first choice is allowed, so it is kept; then only `other` may
+    // follow, twice, then only the stop token.
+    assert_eq!(g.tokens, [full[0], other, other, stop]);
+    assert_eq!(g.finish, Finish::Stop);
+    assert_eq!(space.after(&[full[0]]), Some((vec![other], false)));
+    assert_eq!(space.after(&[other]), Some((vec![], true)));
+    assert_eq!(space.after(&[other, other]), None);
 }
 
 /// The transformers 4 spelling (`rope_scaling` with `type`, top-level

@@ -12,7 +12,7 @@ use image::RgbImage;
 
 use crate::assistant::{Assistant, Overflow};
 use crate::io::assets;
-use crate::kg::qa::{facts_for, prompt, rule_answer, Facts};
+use crate::kg::qa::{facts_for, prompt, reader_answers, rule_answer, Facts};
 use crate::kg::reason::{retrieve, Edges, Lexicon, MAX_OTHER_HOPS};
 use crate::kg::store::KnowledgeGraph;
 use crate::kg::wordnet::synset_of_wnid;
@@ -124,8 +124,11 @@ impl Grounder {
         let facts = facts_for(&edges, &self.lex, &entity, question, self.keep);
         let retrieval_ms = t0.elapsed().as_secs_f64() * 1e3;
         let text = prompt(self.lex.label(&entity), &facts.steps, question);
+        // The reader answers yes, no, or with a phrase of its facts.
+        let space = self.reader.answer_space(&reader_answers(&text))?;
         let cfg = GenerateConfig {
             max_new_tokens: 16,
+            answer_space: Some(std::sync::Arc::new(space)),
             ..GenerateConfig::default()
         };
         let out = self

@@ -46,6 +46,98 @@ pub struct GenerateConfig {
     pub stop_token_ids: Vec<u32>,
     /// Generation stops once the decoded text ends with one of these.
     pub stop_strings: Vec<String>,
+    /// A closed set of answers: each step may only choose a token that
+    /// continues one of them (a stop token once one is complete).
+    pub answer_space: Option<std::sync::Arc<AnswerSpace>>,
+}
+
+/// A closed set of answers as token sequences (a trie), for constrained
+/// decoding: the model still picks every token, among those that keep the
+/// text on one of the answers.
+#[derive(Debug, Clone)]
+pub struct AnswerSpace {
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct TrieNode {
+    next: std::collections::BTreeMap<u32, usize>,
+    end: bool,
+}
+
+impl Default for AnswerSpace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AnswerSpace {
+    pub fn new() -> Self {
+        Self {
+            nodes: vec![TrieNode::default()],
+        }
+    }
+
+    /// Adds one answer (its tokens, without a stop token); empty ones are
+    /// ignored.
+    pub fn insert(&mut self, tokens: &[u32]) {
+        if tokens.is_empty() {
+            return;
+        }
+        let mut at = 0;
+        for &t in tokens {
+            at = match self.nodes[at].next.get(&t) {
+                Some(&n) => n,
+                None => {
+                    self.nodes.push(TrieNode::default());
+                    let n = self.nodes.len() - 1;
+                    self.nodes[at].next.insert(t, n);
+                    n
+                }
+            };
+        }
+        self.nodes[at].end = true;
+    }
+
+    /// Whether no answer was added.
+    pub fn is_empty(&self) -> bool {
+        self.nodes[0].next.is_empty()
+    }
+
+    /// The tokens that may follow `prefix`, and whether `prefix` is itself
+    /// an answer; `None` when no answer starts with `prefix`.
+    pub fn after(&self, prefix: &[u32]) -> Option<(Vec<u32>, bool)> {
+        let mut at = 0;
+        for t in prefix {
+            at = *self.nodes[at].next.get(t)?;
+        }
+        let n = &self.nodes[at];
+        Some((n.next.keys().copied().collect(), n.end))
+    }
+
+    /// Leaves in `logits` only the tokens that continue an answer after
+    /// `prefix`, and `stop` tokens where `prefix` is a whole answer (or has
+    /// left the space); the rest get a large negative (finite) logit.
+    pub fn restrict(&self, logits: &mut [f32], prefix: &[u32], stop: &[u32]) {
+        let (mut allowed, end) = self.after(prefix).unwrap_or((Vec::new(), true));
+        if end || allowed.is_empty() {
+            allowed.extend(stop);
+        }
+        let mut keep = vec![false; logits.len()];
+        for &t in &allowed {
+            if let Some(k) = keep.get_mut(t as usize) {
+                *k = true;
+            }
+        }
+        if !keep.iter().any(|&k| k) {
+            return;
+        }
+        for (l, k) in logits.iter_mut().zip(keep) {
+            if !k {
+                *l = -1e30;
+            }
+        }
+    }
 }
 
 impl Default for GenerateConfig {
@@ -55,6 +147,7 @@ impl Default for GenerateConfig {
             sampling: Sampling::default(),
             stop_token_ids: Vec::new(),
             stop_strings: Vec::new(),
+            answer_space: None,
         }
     }
 }
@@ -268,7 +361,7 @@ pub fn generate_batch(
         .collect();
     let mut done = vec![false; b];
     for step in 0..cfg.max_new_tokens {
-        let logits = lm
+        let mut logits = lm
             .logits(&last)?
             .squeeze(1)?
             .to_dtype(DType::F32)?
@@ -277,6 +370,9 @@ pub fn generate_batch(
         for r in 0..b {
             if done[r] {
                 continue;
+            }
+            if let Some(space) = &cfg.answer_space {
+                space.restrict(&mut logits[r], &out[r].tokens, &cfg.stop_token_ids);
             }
             let tok = samplers[r].sample(&logits[r], &seqs[r])?;
             next[r] = tok;

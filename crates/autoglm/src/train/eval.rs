@@ -79,9 +79,18 @@ pub fn answer_kind(answer: &str) -> &'static str {
     }
 }
 
+/// The closed answer set of each question (its text in, answers out).
+pub type AnswersOf<'a> = &'a (dyn Fn(&str) -> Vec<String> + Sync);
+
 /// Asks the model every question (greedy, as `autoglm ask` does), the
-/// examples spread over the rayon threads.
-pub fn evaluate(model_dir: &Path, examples: &[VqaExample], device: &Device) -> Result<EvalReport> {
+/// examples spread over the rayon threads; with `answers`, decoding is
+/// restricted to each question's answer set.
+pub fn evaluate(
+    model_dir: &Path,
+    examples: &[VqaExample],
+    device: &Device,
+    answers: Option<AnswersOf>,
+) -> Result<EvalReport> {
     use rayon::prelude::*;
     let t0 = std::time::Instant::now();
     let a = Assistant::load(model_dir, device)?;
@@ -102,6 +111,10 @@ pub fn evaluate(model_dir: &Path, examples: &[VqaExample], device: &Device) -> R
             } else {
                 vec![load(&e.image, ImageLimits::default())?]
             };
+            let mut cfg = cfg.clone();
+            if let Some(of) = answers {
+                cfg.answer_space = Some(std::sync::Arc::new(a.answer_space(&of(&e.question))?));
+            }
             Ok(
                 a.ask(&imgs, &e.question, &cfg, Overflow::Error, &mut |_| true)?
                     .text,
