@@ -4,3 +4,4 @@ pub mod attention;
 pub mod fpn;
 pub mod gating;
 pub mod projector;
+pub mod router;
