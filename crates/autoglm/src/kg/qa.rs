@@ -146,56 +146,39 @@ pub fn prompt_without_kg(entity_label: &str, question: &str) -> String {
     format!("Seen: {entity_label}\nQuestion: {question}")
 }
 
-/// Longest phrase, in words, that [`reader_answers`] offers.
-pub const MAX_ANSWER_WORDS: usize = 4;
-
 /// What a reader may answer to a [`prompt`] (or [`prompt_without_kg`]):
-/// "yes", "no", or a phrase of one to [`MAX_ANSWER_WORDS`] words of what it
-/// was given (the Seen and Facts lines, not the question), within one fact.
-/// Decoding restricted to these ([`crate::text::generate::AnswerSpace`])
-/// lets the reader answer "what kind" questions with a name it has never
-/// seen by copying it off the prompt, a token at a time, while it still
-/// chooses every token.
+/// "yes", "no", or the name of a thing it was given: the Seen name or a
+/// name in one of the facts. Decoding restricted to these
+/// ([`crate::text::generate::AnswerSpace`]) lets the reader answer "what
+/// kind" questions with a name it has never seen by copying it off the
+/// prompt, while it still chooses every token and when to stop.
 pub fn reader_answers(prompt: &str) -> Vec<String> {
     let mut out: Vec<String> = vec!["yes".into(), "no".into()];
     for line in prompt.lines() {
-        let Some((label, rest)) = line.split_once(':') else {
-            continue;
-        };
-        if label.trim() == "Question" {
-            continue;
-        }
-        // Segments: the text between step numbers and outside "(via …)".
-        let mut segments: Vec<Vec<&str>> = vec![Vec::new()];
-        let mut in_via = false;
-        for w in rest.split_whitespace() {
-            let numbering =
-                w.ends_with('.') && w[..w.len() - 1].chars().all(|c| c.is_ascii_digit());
-            if w.starts_with('(') {
-                in_via = true;
-            }
-            if numbering || w.starts_with('(') || w.ends_with(')') {
-                segments.push(Vec::new());
-            } else if !in_via {
-                let w = w.trim_matches(|c: char| ",;.".contains(c));
-                if !w.is_empty() {
-                    segments.last_mut().expect("one segment").push(w);
+        if let Some(seen) = line.strip_prefix("Seen:") {
+            out.push(seen.trim().to_string());
+        } else if let Some(facts) = line.strip_prefix("Facts:") {
+            // Steps are numbered "1. … 2. …".
+            let mut step = Vec::new();
+            let mut flush = |step: &mut Vec<&str>| {
+                out.extend(crate::kg::reason::Relation::names_in_step(&step.join(" ")));
+                step.clear();
+            };
+            for w in facts.split_whitespace() {
+                let numbering = w.len() > 1
+                    && w.ends_with('.')
+                    && w[..w.len() - 1].chars().all(|c| c.is_ascii_digit());
+                if numbering {
+                    flush(&mut step);
+                } else {
+                    step.push(w);
                 }
             }
-            if w.ends_with(')') {
-                in_via = false;
-            }
-        }
-        for seg in &segments {
-            for i in 0..seg.len() {
-                for n in 1..=MAX_ANSWER_WORDS.min(seg.len() - i) {
-                    out.push(seg[i..i + n].join(" "));
-                }
-            }
+            flush(&mut step);
         }
     }
     let mut seen = std::collections::HashSet::new();
-    out.retain(|p| seen.insert(p.clone()));
+    out.retain(|p| !p.is_empty() && p != "none found" && seen.insert(p.clone()));
     out
 }
 
@@ -484,45 +467,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reader_answers_are_yes_no_and_phrases_of_the_facts() {
+    fn reader_answers_are_yes_no_and_the_names_given() {
         let p = prompt(
             "soccer ball",
             &[
                 "a soccer ball is a kind of ball".into(),
                 "a game equipment is a kind of whole (via equipment, instrumentality, artifact)"
                     .into(),
+                "a ball has a valve as a part".into(),
             ],
             "What kind of physical entity is this?",
         );
-        let a = reader_answers(&p);
-        for want in [
-            "yes",
-            "no",
-            "soccer ball",
-            "ball",
-            "game equipment",
-            "whole",
-            "a soccer ball is",
-        ] {
-            assert!(a.contains(&want.to_string()), "{want} missing from {a:?}");
-        }
-        // Not from the question, not across steps, not from the via list,
-        // never longer than 4 words.
-        for not in [
-            "physical entity",
-            "ball a game",
-            "instrumentality",
-            "1",
-            "a soccer ball is a",
-        ] {
-            assert!(!a.contains(&not.to_string()), "{not} in {a:?}");
-        }
         assert_eq!(
-            a.len(),
-            a.iter().collect::<std::collections::HashSet<_>>().len()
+            reader_answers(&p),
+            [
+                "yes",
+                "no",
+                "soccer ball",
+                "ball",
+                "game equipment",
+                "whole",
+                "valve"
+            ]
         );
         let b = reader_answers(&prompt_without_kg("iPod", "What kind of stereo is this?"));
         assert_eq!(b, ["yes", "no", "iPod"]);
+        assert_eq!(
+            reader_answers(&prompt("Rome", &[], "Is this a city?")),
+            ["yes", "no", "Rome"]
+        );
     }
 
     #[test]

@@ -54,6 +54,43 @@ impl Relation {
         matches!(self, Relation::IsA | Relation::InstanceOf)
     }
 
+    /// The names a step of [`Self::say`] (possibly condensed with a
+    /// "(via …)" list) mentions, in order: "a tabby is a kind of domestic
+    /// cat" → ["tabby", "domestic cat"].
+    pub fn names_in_step(step: &str) -> Vec<String> {
+        let core = step.split(" (via ").next().unwrap_or(step);
+        let mut text = format!(" {core} ");
+        // Longest first, so that " is " does not cut " is a kind of ".
+        for joint in [
+            " is a substance of ",
+            " is a member of ",
+            " is a kind of ",
+            " as a member ",
+            " is part of ",
+            " is made of ",
+            " as a part ",
+            " has ",
+            " is ",
+        ] {
+            text = text.replace(joint, " | ");
+        }
+        text.split('|')
+            .map(str::trim)
+            .map(|n| {
+                // Drop the article `say` added before a lower-case name.
+                for art in ["a ", "an "] {
+                    if let Some(rest) = n.strip_prefix(art) {
+                        if !rest.starts_with(|c: char| c.is_uppercase()) {
+                            return rest.to_string();
+                        }
+                    }
+                }
+                n.to_string()
+            })
+            .filter(|n| !n.is_empty())
+            .collect()
+    }
+
     /// The step in plain words, given the labels of its two ends.
     fn say(self, from: &str, to: &str) -> String {
         let a = |w: &str| {
@@ -455,6 +492,36 @@ pub fn rank(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn names_come_back_out_of_every_kind_of_step() {
+        use super::Relation::*;
+        for r in [
+            IsA,
+            InstanceOf,
+            HasPart,
+            HasMember,
+            HasSubstance,
+            PartOf,
+            MemberOf,
+            SubstanceOf,
+        ] {
+            for (from, to) in [
+                ("domestic cat", "iPod"),
+                ("Rome", "national capital"),
+                ("oak", "Quercus"),
+            ] {
+                let step = r.say(from, to);
+                assert_eq!(
+                    super::Relation::names_in_step(&step),
+                    [from, to],
+                    "{r:?}: {step}"
+                );
+                let condensed = format!("{step} (via feline, carnivore, placental)");
+                assert_eq!(super::Relation::names_in_step(&condensed), [from, to]);
+            }
+        }
+    }
+
     use super::*;
 
     #[test]
