@@ -148,14 +148,20 @@ pub fn prompt_without_kg(entity_label: &str, question: &str) -> String {
 
 /// What a reader may answer to a [`prompt`] (or [`prompt_without_kg`]):
 /// "yes", "no", or the name of a thing it was given: the Seen name or a
-/// name in one of the facts. Decoding restricted to these
+/// name in one of the facts; never, for "what kind of X is this?", X
+/// itself (a non-answer). Decoding restricted to these
 /// ([`crate::text::generate::AnswerSpace`]) lets the reader answer "what
 /// kind" questions with a name it has never seen by copying it off the
 /// prompt, while it still chooses every token and when to stop.
 pub fn reader_answers(prompt: &str) -> Vec<String> {
     let mut out: Vec<String> = vec!["yes".into(), "no".into()];
+    let mut asked = None;
     for line in prompt.lines() {
-        if let Some(seen) = line.strip_prefix("Seen:") {
+        if let Some(q) = line.strip_prefix("Question:") {
+            if let Some((Form::WhatKind, concept)) = Form::parse(q.trim()) {
+                asked = Some(concept.to_lowercase());
+            }
+        } else if let Some(seen) = line.strip_prefix("Seen:") {
             out.push(seen.trim().to_string());
         } else if let Some(facts) = line.strip_prefix("Facts:") {
             // Steps are numbered "1. … 2. …".
@@ -178,7 +184,12 @@ pub fn reader_answers(prompt: &str) -> Vec<String> {
         }
     }
     let mut seen = std::collections::HashSet::new();
-    out.retain(|p| !p.is_empty() && p != "none found" && seen.insert(p.clone()));
+    out.retain(|p| {
+        !p.is_empty()
+            && p != "none found"
+            && asked.as_deref() != Some(p.to_lowercase().as_str())
+            && seen.insert(p.clone())
+    });
     out
 }
 
@@ -492,6 +503,19 @@ mod tests {
         );
         let b = reader_answers(&prompt_without_kg("iPod", "What kind of stereo is this?"));
         assert_eq!(b, ["yes", "no", "iPod"]);
+        // What it asks about is not an answer to "what kind".
+        let c = prompt(
+            "soccer ball",
+            &["a soccer ball is a kind of ball".into()],
+            "What kind of Ball is this?",
+        );
+        assert_eq!(reader_answers(&c), ["yes", "no", "soccer ball"]);
+        let d = prompt(
+            "soccer ball",
+            &["a soccer ball is a kind of ball".into()],
+            "Is this a ball?",
+        );
+        assert_eq!(reader_answers(&d), ["yes", "no", "soccer ball", "ball"]);
         assert_eq!(
             reader_answers(&prompt("Rome", &[], "Is this a city?")),
             ["yes", "no", "Rome"]
