@@ -442,14 +442,7 @@ fn sort_of_clevr_is_written_readable_and_repeatable() {
     }
     // Each object is drawn at its centre in its colour; the answers to
     // the position questions agree with the scene.
-    let colours = [
-        ("red", [255, 0, 0]),
-        ("green", [0, 255, 0]),
-        ("blue", [0, 0, 255]),
-        ("orange", [255, 156, 0]),
-        ("gray", [128, 128, 128]),
-        ("yellow", [255, 255, 0]),
-    ];
+    let colours = autoglm::data::sort_of_clevr::COLORS;
     let scenes = std::fs::read_to_string(dir.join("scenes.jsonl")).unwrap();
     let rows = std::fs::read_to_string(dir.join("train.jsonl")).unwrap();
     for line in scenes.lines().take(20) {

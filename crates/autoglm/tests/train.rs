@@ -455,16 +455,7 @@ fn vqa_training_writes_a_usable_model() {
     let (before, after) = (load(dir.path()), load(ft.path()));
     assert_eq!(before.len(), after.len());
     for (name, t) in &before {
-        let d = (t - &after[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(t, &after[name]);
         assert!(d < 1e-6, "{name} moved by {d}");
     }
     assert_eq!(

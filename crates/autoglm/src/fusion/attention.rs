@@ -232,16 +232,9 @@ impl GatedCrossAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fusion::test_util::*;
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     fn vec3(t: &Tensor) -> Vec<Vec<Vec<f32>>> {
         t.to_vec3().unwrap()

@@ -187,23 +187,9 @@ impl Fpn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fusion::test_util::*;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
-
-    fn set(vm: &VarMap, name: &str, value: Tensor) {
-        vm.data().lock().unwrap()[name].set(&value).unwrap();
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn upsampling_repeats_each_cell() {

@@ -106,33 +106,9 @@ impl LevelFusion {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fusion::test_util::*;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
-    /// Sets the variable `name` of `vm`.
-    fn set(vm: &VarMap, name: &str, value: Tensor) {
-        let vars = vm.data().lock().unwrap();
-        vars[name].set(&value).unwrap();
-    }
 
     fn build(kind: FusionKind) -> (VarMap, LevelFusion) {
         let vm = VarMap::new();
