@@ -557,4 +557,5 @@ fn bad_training_configs_name_the_field() {
     );
     check(serde_json::json!({"projector": "none"}), "projector");
     check(serde_json::json!({"steps": 0}), "steps");
+    check(serde_json::json!({"attention_top_k": 0}), "attention_top_k");
 }

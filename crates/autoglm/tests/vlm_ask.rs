@@ -282,3 +282,67 @@ fn rope_scaling_in_both_spellings() {
     );
     assert!(dd < 1e-4, "{dd}");
 }
+
+/// `attention_top_k` in both towers: with k at least the sequence length
+/// the model is exactly the dense one; with k = 1 each query takes one key,
+/// and the embeddings and answers change. k = 0 is refused at load.
+#[test]
+fn top_k_attention_in_both_towers() {
+    use autoglm::assistant::Overflow;
+    use autoglm::text::generate::generate;
+    let with_k = |k: usize| {
+        with_config("llava-tiny-llama", move |c| {
+            c.replace(
+                "\"text_config\": {",
+                &format!("\"text_config\": {{\"attention_top_k\": {k},"),
+            )
+            .replace(
+                "\"vision_config\": {",
+                &format!("\"vision_config\": {{\"attention_top_k\": {k},"),
+            )
+        })
+    };
+    let img = image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 99])
+    });
+    let run = |dir: &std::path::Path| {
+        let a = Assistant::load(dir, &Device::Cpu).unwrap();
+        let ids = a
+            .prompt_ids("What is in the picture?", 1, Overflow::Error, 8)
+            .unwrap();
+        let pixels = a
+            .preprocess
+            .batch(std::slice::from_ref(&img), &Device::Cpu)
+            .unwrap();
+        let e = a
+            .model
+            .embed_prompt(&ids, Some(&pixels))
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let cfg = GenerateConfig {
+            max_new_tokens: 8,
+            ..GenerateConfig::default()
+        };
+        let g = generate(&a.model.lm, &e, &ids, &cfg, None, &mut |_| true).unwrap();
+        (e, g.tokens)
+    };
+    let (dense_e, dense_t) = run(&fixtures().join("llava-tiny-llama"));
+    let big = with_k(100_000);
+    let (e, t) = run(big.path());
+    assert_eq!(common::max_abs_diff(&e, &dense_e), 0.0);
+    assert_eq!(t, dense_t);
+    let one = with_k(1);
+    let (e, t) = run(one.path());
+    assert!(
+        common::max_abs_diff(&e, &dense_e) > 1e-3,
+        "the vision tower ignored k"
+    );
+    assert_ne!(t, dense_t, "the decoder ignored k");
+    let zero = with_k(0);
+    let e = Llava::load(zero.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("attention_top_k"), "{e}");
+}

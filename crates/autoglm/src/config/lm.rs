@@ -83,6 +83,10 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     #[serde(default)]
     pub use_sliding_window: bool,
+    /// Not in HF's config: each query attends only to its `k` highest-
+    /// scoring keys (top-k sparse attention); absent = dense.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_top_k: Option<usize>,
 }
 
 fn d_vocab() -> usize {
@@ -129,6 +133,13 @@ impl LlamaConfig {
         }
         if self.vocab_size == 0 {
             return Err(invalid(path, "vocab_size must be positive".into()));
+        }
+        if self.attention_top_k == Some(0) {
+            return Err(invalid(
+                path,
+                "text_config.attention_top_k must be at least 1 (leave it out for dense attention)"
+                    .into(),
+            ));
         }
         if self.mlp_bias {
             return Err(invalid(path, "mlp_bias = true is not supported".into()));

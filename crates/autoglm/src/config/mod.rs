@@ -178,6 +178,9 @@ pub struct ClipVisionConfig {
     pub patch_size: usize,
     pub hidden_act: Activation,
     pub layer_norm_eps: f64,
+    /// Not in HF's config: top-k sparse attention in the encoder (each
+    /// patch attends to its `k` highest-scoring patches); absent = dense.
+    pub attention_top_k: Option<usize>,
 }
 
 impl Default for ClipVisionConfig {
@@ -193,6 +196,7 @@ impl Default for ClipVisionConfig {
             patch_size: 32,
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
+            attention_top_k: None,
         }
     }
 }
@@ -224,6 +228,13 @@ impl ClipVisionConfig {
                     format!("vision_config.model_type `{t}` is not supported (clip_vision_model, siglip_vision_model or {EFFICIENTNET_LITE0})"),
                 ));
             }
+        }
+        if self.attention_top_k == Some(0) {
+            return Err(invalid(
+                path,
+                "vision_config.attention_top_k must be at least 1 (leave it out for dense attention)"
+                    .into(),
+            ));
         }
         check_heads(
             path,

@@ -59,6 +59,7 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    top_k: Option<usize>,
 }
 
 impl Attention {
@@ -72,6 +73,7 @@ impl Attention {
             v: linear_b(h, nkv * hd, bias, vb.pp("v_proj"))?,
             o: linear_b(nh * hd, h, cfg.attention_bias, vb.pp("o_proj"))?,
             heads: nh,
+            top_k: cfg.attention_top_k,
             kv_heads: nkv,
             head_dim: hd,
         })
@@ -112,7 +114,12 @@ impl Attention {
                 .reshape((b, self.heads, s, hd))?)
         };
         let (k, v) = (expand(&k)?, expand(&v)?);
-        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.broadcast_add(bias)?; // (B, nh, T, S)
+        let mut scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.broadcast_add(bias)?; // (B, nh, T, S)
+        if let Some(k) = self.top_k {
+            // Masked keys (−∞) sort last, so they are never among the top k
+            // while k finite scores remain.
+            scores = crate::fusion::attention::keep_top_k(&scores, k)?;
+        }
         let probs = crate::ops::softmax_last_dim(&scores)?;
         let ctx =
             probs

@@ -124,6 +124,11 @@ pub struct VqaTrainConfig {
     /// that one's `config.json`. For fine-tuning on new data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<std::path::PathBuf>,
+    /// Top-k sparse attention in the decoder and in a ViT tower: each query
+    /// attends to its `k` highest-scoring keys. Absent: dense. Recorded in
+    /// the model's `config.json` (`attention_top_k` of each tower).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_top_k: Option<usize>,
 }
 
 impl VqaTrainConfig {
@@ -145,6 +150,12 @@ impl VqaTrainConfig {
         };
         if self.steps == 0 || self.batch_size == 0 {
             return bad("steps/batch_size", "must be positive".into());
+        }
+        if self.attention_top_k == Some(0) {
+            return bad(
+                "attention_top_k",
+                "must be at least 1 (leave it out for dense attention)".into(),
+            );
         }
         if self.workers == 0 || self.batch_size % self.workers != 0 {
             return bad(
@@ -347,7 +358,7 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
             "num_attention_heads": c.vision_heads, "image_size": c.image_size, "patch_size": c.patch_size,
             "hidden_act": "gelu"})
     };
-    serde_json::json!({
+    let mut cfg = serde_json::json!({
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
         "image_token_index": 3, "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
         "projector_hidden_act": "gelu", "projector_type": c.projector, "tie_word_embeddings": true,
@@ -357,7 +368,14 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
             "num_attention_heads": c.text_heads, "num_key_value_heads": c.text_kv_heads,
             "max_position_embeddings": CONTEXT, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 5, "pad_token_id": 0}
-    })
+    });
+    if let Some(k) = c.attention_top_k {
+        cfg["text_config"]["attention_top_k"] = k.into();
+        if c.vision == "vit" {
+            cfg["vision_config"]["attention_top_k"] = k.into();
+        }
+    }
+    cfg
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {

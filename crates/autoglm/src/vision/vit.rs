@@ -22,16 +22,18 @@ struct SelfAttention {
     v: Linear,
     out: Linear,
     heads: usize,
+    top_k: Option<usize>,
 }
 
 impl SelfAttention {
-    fn new(vb: VarBuilder, hidden: usize, heads: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, hidden: usize, heads: usize, top_k: Option<usize>) -> Result<Self> {
         Ok(Self {
             q: linear(hidden, hidden, vb.pp("q_proj"))?,
             k: linear(hidden, hidden, vb.pp("k_proj"))?,
             v: linear(hidden, hidden, vb.pp("v_proj"))?,
             out: linear(hidden, hidden, vb.pp("out_proj"))?,
             heads,
+            top_k,
         })
     }
 
@@ -51,6 +53,9 @@ impl SelfAttention {
         let mut scores = q.matmul(&k.t()?)?; // (B, nh, T, T)
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
+        }
+        if let Some(k) = self.top_k {
+            scores = crate::fusion::attention::keep_top_k(&scores, k)?;
         }
         let probs = crate::ops::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
@@ -72,7 +77,7 @@ impl EncoderLayer {
     fn new(vb: VarBuilder, s: &EncoderSpec) -> Result<Self> {
         Ok(Self {
             ln1: layer_norm(s.hidden, s.eps, vb.pp("layer_norm1"))?,
-            attn: SelfAttention::new(vb.pp("self_attn"), s.hidden, s.heads)?,
+            attn: SelfAttention::new(vb.pp("self_attn"), s.hidden, s.heads, s.top_k)?,
             ln2: layer_norm(s.hidden, s.eps, vb.pp("layer_norm2"))?,
             fc1: linear(s.hidden, s.intermediate, vb.pp("mlp").pp("fc1"))?,
             fc2: linear(s.intermediate, s.hidden, vb.pp("mlp").pp("fc2"))?,
@@ -100,6 +105,8 @@ pub struct EncoderSpec {
     pub layers: usize,
     pub eps: f64,
     pub act: Activation,
+    /// Top-k sparse attention; `None` = dense.
+    pub top_k: Option<usize>,
 }
 
 /// HF `CLIPEncoder`: a stack of pre-LN layers under `layers.{i}`.
@@ -179,6 +186,7 @@ impl ClipVision {
                     layers: cfg.num_hidden_layers,
                     eps: cfg.layer_norm_eps,
                     act: cfg.hidden_act,
+                    top_k: cfg.attention_top_k,
                 },
             )?,
             post_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("post_layernorm"))?,
