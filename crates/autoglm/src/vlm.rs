@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::LlavaConfig;
+use crate::fusion::attention::GatedCrossAttention;
 use crate::fusion::projector::Projector;
 use crate::io::weights::Safetensors;
 use crate::text::kv_cache::KvCache;
@@ -28,6 +29,9 @@ pub enum VisionTower {
 pub struct Llava {
     pub vision: VisionTower,
     pub projector: Projector,
+    /// Image→text attention on the projected image tokens
+    /// (`image_text_attention.*`), when the config asks for it.
+    pub image_text: Option<GatedCrossAttention>,
     pub lm: Llama,
     pub config: LlavaConfig,
 }
@@ -90,6 +94,18 @@ impl Llava {
                 cfg.multimodal_projector_bias,
                 cfg.adapter_dim.unwrap_or(t.hidden_size / 4),
             )?,
+            image_text: cfg
+                .image_text_attention_heads
+                .map(|heads| {
+                    GatedCrossAttention::new(
+                        root.pp("image_text_attention"),
+                        t.hidden_size,
+                        t.hidden_size,
+                        heads,
+                        None,
+                    )
+                })
+                .transpose()?,
             lm: Llama::new(lm_model, lm_head, t)?,
             config: cfg.clone(),
         })
@@ -210,7 +226,18 @@ impl Llava {
                         n * per
                     )));
                 }
-                f.reshape((n * per, h))?
+                match &self.image_text {
+                    None => f.reshape((n * per, h))?,
+                    Some(block) => {
+                        // Each image attends to the prompt's text tokens.
+                        let at: Vec<u32> = (0..ids.len() as u32)
+                            .filter(|&i| ids[i as usize] != tok)
+                            .collect();
+                        let words = text.index_select(&Tensor::new(at.as_slice(), dev)?, 0)?;
+                        let ctx = words.unsqueeze(0)?.repeat((n, 1, 1))?;
+                        block.forward(f, &ctx, None)?.reshape((n * per, h))?
+                    }
+                }
             }
         };
         Ok(splice(ids, tok, &text, &feats)?.unsqueeze(0)?)
@@ -248,6 +275,21 @@ impl Llava {
             )));
         }
         let per = feats.dim(1)?;
+        let attended;
+        let feats = match &self.image_text {
+            None => feats,
+            Some(block) => {
+                // Each row's image attends to that row's text tokens (not
+                // its image tokens, not the padding).
+                let mask: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|r| (0..t).map(move |j| f32::from(j < r.len() && r[j] != tok)))
+                    .collect();
+                let mask = Tensor::from_vec(mask, (rows.len(), t), dev)?;
+                attended = block.forward(feats, &text, Some(&mask))?;
+                &attended
+            }
+        };
         let out = rows
             .iter()
             .enumerate()

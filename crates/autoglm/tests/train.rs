@@ -478,6 +478,46 @@ fn vqa_training_writes_a_usable_model() {
     );
 }
 
+/// A model with image→text attention trains (its gates, which start at 0,
+/// move), records the choice in its config and loads for `ask`/`eval`.
+#[test]
+fn image_text_attention_trains_and_reloads() {
+    use autoglm::train::vqa::{evaluate, load_data, train_vqa, DataSource, VqaTrainConfig};
+    let cfg: VqaTrainConfig = serde_json::from_value(serde_json::json!({
+        "data": {"kind": "easy-vqa"}, "vision": "vit", "max_train_examples": 32,
+        "image_size": 16, "patch_size": 8, "vision_hidden": 16, "vision_layers": 1,
+        "vision_heads": 2, "projector": "mlp", "text_hidden": 32, "text_layers": 1,
+        "text_heads": 2, "text_kv_heads": 1, "vocab_size": 200, "steps": 6,
+        "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 2,
+        "held_out_images": 0, "image_text_attention_heads": 2, "attention_top_k": 4
+    }))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    train_vqa(&cfg, dir.path(), false, &mut |_| {}).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["image_text_attention_heads"], 2);
+    assert_eq!(saved["text_config"]["attention_top_k"], 4);
+    assert_eq!(saved["vision_config"]["attention_top_k"], 4);
+    let w =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    for g in [
+        "image_text_attention.attn_gate",
+        "image_text_attention.ff_gate",
+    ] {
+        let v = w[g].to_vec1::<f32>().unwrap()[0];
+        assert!(v != 0.0, "{g} did not train");
+    }
+    let test: Vec<_> = load_data(&DataSource::EasyVqa, "test")
+        .unwrap()
+        .into_iter()
+        .take(4)
+        .collect();
+    let r = evaluate(dir.path(), &test, &Device::Cpu, None).unwrap();
+    assert_eq!(r.examples, 4);
+}
+
 /// The confusion matrix counts true answer × given answer, with `(other)`
 /// for answers outside the label set, and draws as a PNG.
 #[test]
@@ -558,4 +598,12 @@ fn bad_training_configs_name_the_field() {
     check(serde_json::json!({"projector": "none"}), "projector");
     check(serde_json::json!({"steps": 0}), "steps");
     check(serde_json::json!({"attention_top_k": 0}), "attention_top_k");
+    check(
+        serde_json::json!({"image_text_attention_heads": 3}),
+        "image_text_attention_heads",
+    );
+    check(
+        serde_json::json!({"image_text_attention_heads": 2, "blind": true}),
+        "image_text_attention_heads",
+    );
 }

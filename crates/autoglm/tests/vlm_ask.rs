@@ -346,3 +346,61 @@ fn top_k_attention_in_both_towers() {
         .to_string();
     assert!(e.contains("attention_top_k"), "{e}");
 }
+
+/// Image→text attention on the image tokens: a training batch (padded rows,
+/// masked) gives each row what the single prompt gives at inference, and
+/// the block changes the image tokens once its gates open.
+#[test]
+fn image_text_attention_is_the_same_in_batches_and_alone() {
+    use candle_nn::{VarBuilder, VarMap};
+    let text = std::fs::read_to_string(fixtures().join("llava-tiny-llama/config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["image_text_attention_heads"] = 2.into();
+    let cfg: autoglm::config::LlavaConfig = serde_json::from_value(v).unwrap();
+    cfg.validate(std::path::Path::new("config.json")).unwrap();
+    let vm = VarMap::new();
+    let m = Llava::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg).unwrap();
+    {
+        let vars = vm.data().lock().unwrap();
+        for g in [
+            "image_text_attention.attn_gate",
+            "image_text_attention.ff_gate",
+        ] {
+            vars[g]
+                .set(&Tensor::new(&[1f32], &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let (tok, per) = (cfg.image_token_index, m.image_tokens());
+    let row = |words: &[u32]| -> Vec<u32> {
+        let mut r = vec![1];
+        r.extend(std::iter::repeat_n(tok, per));
+        r.extend(words);
+        r
+    };
+    let (a, b) = (row(&[7, 8, 9, 10]), row(&[11, 12]));
+    let s = cfg.vision_config.image_size;
+    let pixels = Tensor::rand(-1f32, 1f32, (2, 3, s, s), &Device::Cpu).unwrap();
+    let feats = m.image_features(&pixels).unwrap();
+    let batch = m.embed_batch(&[a.clone(), b.clone()], &feats).unwrap();
+    for (i, r) in [a, b].iter().enumerate() {
+        let alone = m
+            .embed_prompt_features(r, Some(&feats.narrow(0, i, 1).unwrap()))
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let in_batch = batch.get(i).unwrap().narrow(0, 0, r.len()).unwrap();
+        assert!(common::max_abs_diff(&alone, &in_batch) < 1e-5, "row {i}");
+        // The image tokens are no longer the projected features.
+        let img = alone.narrow(0, 1, per).unwrap();
+        assert!(common::max_abs_diff(&img, &feats.get(i).unwrap()) > 1e-3);
+    }
+    let mut bad: serde_json::Value = serde_json::from_str(&text).unwrap();
+    bad["image_text_attention_heads"] = 0.into();
+    let bad: autoglm::config::LlavaConfig = serde_json::from_value(bad).unwrap();
+    let e = bad
+        .validate(std::path::Path::new("config.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("image_text_attention_heads"), "{e}");
+}

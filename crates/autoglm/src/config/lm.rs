@@ -270,6 +270,12 @@ pub struct LlavaConfig {
     pub adapter_dim: Option<usize>,
     #[serde(default)]
     pub tie_word_embeddings: Option<bool>,
+    /// Not in HF's config: the image tokens pass a gated cross-attention
+    /// block that attends to the prompt's text (image→text) with this many
+    /// heads before they enter the decoder, so that what they carry depends
+    /// on the question. Absent: plain prefix tokens.
+    #[serde(default)]
+    pub image_text_attention_heads: Option<usize>,
 }
 
 fn default_layer() -> i64 {
@@ -291,6 +297,15 @@ fn default_projector() -> String {
 impl LlavaConfig {
     pub fn validate(&self, path: &Path) -> Result<()> {
         self.text_config.validate(path)?;
+        if let Some(h) = self.image_text_attention_heads {
+            let width = self.text_config.hidden_size;
+            if h == 0 || width % h != 0 {
+                return Err(invalid(
+                    path,
+                    format!("image_text_attention_heads {h} must be at least 1 and divide the decoder width {width}"),
+                ));
+            }
+        }
         let v = &self.vision_config;
         v.validate(path)?;
         let layers = v.num_hidden_layers as i64;

@@ -124,6 +124,11 @@ pub struct VqaTrainConfig {
     /// that one's `config.json`. For fine-tuning on new data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<std::path::PathBuf>,
+    /// Heads of an image→text gated cross-attention block on the image
+    /// tokens before the decoder (question-conditioned image tokens).
+    /// Absent: plain prefix tokens (LLaVA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_text_attention_heads: Option<usize>,
     /// Top-k sparse attention in the decoder and in a ViT tower: each query
     /// attends to its `k` highest-scoring keys. Absent: dense. Recorded in
     /// the model's `config.json` (`attention_top_k` of each tower).
@@ -150,6 +155,23 @@ impl VqaTrainConfig {
         };
         if self.steps == 0 || self.batch_size == 0 {
             return bad("steps/batch_size", "must be positive".into());
+        }
+        if let Some(h) = self.image_text_attention_heads {
+            if h == 0 || self.text_hidden % h != 0 {
+                return bad(
+                    "image_text_attention_heads",
+                    format!(
+                        "{h} must be at least 1 and divide text_hidden {}",
+                        self.text_hidden
+                    ),
+                );
+            }
+            if self.blind {
+                return bad(
+                    "image_text_attention_heads",
+                    "a blind model has no image tokens to attend from; drop one of the two".into(),
+                );
+            }
         }
         if self.attention_top_k == Some(0) {
             return bad(
@@ -369,6 +391,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
             "max_position_embeddings": CONTEXT, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 5, "pad_token_id": 0}
     });
+    if let Some(h) = c.image_text_attention_heads {
+        cfg["image_text_attention_heads"] = h.into();
+    }
     if let Some(k) = c.attention_top_k {
         cfg["text_config"]["attention_top_k"] = k.into();
         if c.vision == "vit" {
@@ -857,7 +882,9 @@ pub fn init_weights(vm: &VarMap, seed: u64, std: Option<f64>) -> Result<()> {
         let is_norm = t.rank() == 1
             && (name.contains("norm") || name.contains("layrnorm"))
             && name.ends_with("weight");
-        let value = if name.ends_with("bias") {
+        // Biases and the tanh gates of gated cross-attention start at 0
+        // (a gated block starts as the identity).
+        let value = if name.ends_with("bias") || name.ends_with("_gate") {
             t.zeros_like()?
         } else if is_norm {
             t.ones_like()?
