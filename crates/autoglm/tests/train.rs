@@ -598,6 +598,22 @@ fn bad_training_configs_name_the_field() {
     check(serde_json::json!({"projector": "none"}), "projector");
     check(serde_json::json!({"steps": 0}), "steps");
     check(serde_json::json!({"attention_top_k": 0}), "attention_top_k");
+    // A misspelt option is an error, not silently ignored.
+    let mut typo = base.clone();
+    typo["image_text_heads"] = 4.into();
+    let e = serde_json::from_value::<VqaTrainConfig>(typo)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field `image_text_heads`"), "{e}");
+    // Every shipped config parses and validates.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let p = f.unwrap().path();
+        let c: VqaTrainConfig = serde_json::from_str(&std::fs::read_to_string(&p).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        c.validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
     check(
         serde_json::json!({"image_text_attention_heads": 3}),
         "image_text_attention_heads",

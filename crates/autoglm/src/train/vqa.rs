@@ -41,7 +41,10 @@ pub enum DataSource {
 }
 
 /// Everything a run needs; saved next to the model and every checkpoint.
+/// An unknown field is an error (a misspelt option would otherwise be
+/// silently ignored).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VqaTrainConfig {
     pub data: DataSource,
     /// `vit`: a CLIP-layout ViT trained from scratch; `efficientnet-lite0`:
