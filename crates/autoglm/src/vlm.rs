@@ -248,10 +248,28 @@ impl Llava {
     /// every real token invisible to it). Each row must hold exactly one
     /// expanded image ([`Self::expand_image_tokens`]).
     ///
+    /// `prompt_lens[b]` is where row b's prompt ends (the answer tokens of
+    /// teacher forcing follow): image→text attention reads only the prompt,
+    /// as it does at inference.
+    ///
     /// # Shapes
     /// `rows`: B rows of T ids; `image_embeds`: (B, P, H_lm), the projected
     /// features ([`Self::image_features`]) → (B, T, H_lm)
-    pub fn embed_batch(&self, rows: &[Vec<u32>], image_embeds: &Tensor) -> Result<Tensor> {
+    pub fn embed_batch(
+        &self,
+        rows: &[Vec<u32>],
+        prompt_lens: &[usize],
+        image_embeds: &Tensor,
+    ) -> Result<Tensor> {
+        if prompt_lens.len() != rows.len()
+            || rows.iter().zip(prompt_lens).any(|(r, &p)| p > r.len())
+        {
+            return Err(Error::Invalid(format!(
+                "embed_batch: {} prompt lengths for {} rows, each at most its row's length",
+                prompt_lens.len(),
+                rows.len()
+            )));
+        }
         let tok = self.config.image_token_index;
         let dev = self.lm.embed_tokens_device();
         let t = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -279,11 +297,12 @@ impl Llava {
         let feats = match &self.image_text {
             None => feats,
             Some(block) => {
-                // Each row's image attends to that row's text tokens (not
-                // its image tokens, not the padding).
+                // Each row's image attends to that row's prompt text (not
+                // its image tokens, not the answer, not the padding).
                 let mask: Vec<f32> = rows
                     .iter()
-                    .flat_map(|r| (0..t).map(move |j| f32::from(j < r.len() && r[j] != tok)))
+                    .zip(prompt_lens)
+                    .flat_map(|(r, &p)| (0..t).map(move |j| f32::from(j < p && r[j] != tok)))
                     .collect();
                 let mask = Tensor::from_vec(mask, (rows.len(), t), dev)?;
                 attended = block.forward(feats, &text, Some(&mask))?;

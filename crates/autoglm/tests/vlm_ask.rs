@@ -382,7 +382,21 @@ fn image_text_attention_is_the_same_in_batches_and_alone() {
     let s = cfg.vision_config.image_size;
     let pixels = Tensor::rand(-1f32, 1f32, (2, 3, s, s), &Device::Cpu).unwrap();
     let feats = m.image_features(&pixels).unwrap();
-    let batch = m.embed_batch(&[a.clone(), b.clone()], &feats).unwrap();
+    // Teacher forcing appends answer tokens after the prompt: the image
+    // must not read them (at inference they do not exist yet).
+    let (mut a_ans, mut b_ans) = (a.clone(), b.clone());
+    a_ans.extend([20, 21]);
+    b_ans.extend([22]);
+    let batch = m
+        .embed_batch(&[a_ans, b_ans], &[a.len(), b.len()], &feats)
+        .unwrap();
+    assert!(m
+        .embed_batch(
+            &[a.clone()],
+            &[a.len() + 1],
+            &feats.narrow(0, 0, 1).unwrap()
+        )
+        .is_err());
     for (i, r) in [a, b].iter().enumerate() {
         let alone = m
             .embed_prompt_features(r, Some(&feats.narrow(0, i, 1).unwrap()))

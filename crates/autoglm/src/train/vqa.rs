@@ -830,9 +830,12 @@ pub fn answer_logits(model: &Llava, rows: &[&Encoded], images: Images) -> Result
         }
     }
     let dev = model.lm.embed_tokens_device().clone();
+    let prompt_lens: Vec<usize> = rows.iter().map(|r| r.prompt.len()).collect();
     let e = match images {
-        Images::Pixels(p) => model.embed_batch(&ids, &model.image_features(p)?)?,
-        Images::VisionFeatures(f) => model.embed_batch(&ids, &model.projector.forward(f)?)?,
+        Images::Pixels(p) => model.embed_batch(&ids, &prompt_lens, &model.image_features(p)?)?,
+        Images::VisionFeatures(f) => {
+            model.embed_batch(&ids, &prompt_lens, &model.projector.forward(f)?)?
+        }
         Images::None => {
             let flat: Vec<u32> = ids
                 .iter()
