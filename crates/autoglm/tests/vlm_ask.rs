@@ -392,7 +392,7 @@ fn image_text_attention_is_the_same_in_batches_and_alone() {
         .unwrap();
     assert!(m
         .embed_batch(
-            &[a.clone()],
+            std::slice::from_ref(&a),
             &[a.len() + 1],
             &feats.narrow(0, 0, 1).unwrap()
         )

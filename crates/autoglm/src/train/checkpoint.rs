@@ -110,6 +110,30 @@ pub fn varmap_tensors(vm: &candle_nn::VarMap) -> Result<HashMap<String, Tensor>>
 /// Named tensors.
 pub type Tensors = HashMap<String, Tensor>;
 
+/// Sets every variable of `vm` from the tensor of the same name in
+/// `tensors` (moved to the variable's device); `source` names where they
+/// came from in the error about a missing or differently shaped tensor.
+pub fn set_varmap(vm: &candle_nn::VarMap, tensors: &Tensors, source: &str) -> Result<()> {
+    let vars = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("variable map poisoned".into()))?;
+    for (name, var) in vars.iter() {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("{source} lacks `{name}`")))?;
+        if t.dims() != var.dims() {
+            return Err(Error::Invalid(format!(
+                "`{name}` is {:?} in {source} but {:?} here",
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
 /// Reads a checkpoint: (model weights without the `model.` prefix, optimizer
 /// state, metadata).
 pub fn load_checkpoint(path: &Path, device: &Device) -> Result<(Tensors, Tensors, Checkpoint)> {

@@ -114,16 +114,7 @@ impl Trainer {
             return Ok(false);
         }
         let (weights, state, meta) = load_checkpoint(&path, &candle_core::Device::Cpu)?;
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Invalid("variable map poisoned".into()))?;
-        for (name, var) in data.iter() {
-            let w = weights.get(name).ok_or_else(|| {
-                Error::Invalid(format!("checkpoint {} lacks `{name}`", path.display()))
-            })?;
-            var.set(&w.to_device(var.device())?)?;
-        }
+        super::checkpoint::set_varmap(varmap, &weights, &format!("checkpoint {}", path.display()))?;
         self.opt.load_state(&state, meta.step)?;
         self.step = meta.step;
         Ok(true)

@@ -536,7 +536,13 @@ pub fn train_vqa(
     let (model, frozen_dir) = build_model(vb, &cfg, effnet, c.image_size)?;
     init_weights(&vm, c.seed, c.init_std)?;
     if let Some(src) = &c.init_from {
-        load_into(&vm, &src.join("model.safetensors"))?;
+        let path = src.join("model.safetensors");
+        let saved = candle_core::safetensors::load(&path, &Device::Cpu)?;
+        super::checkpoint::set_varmap(
+            &vm,
+            &saved,
+            &format!("training config: init_from: {}", path.display()),
+        )?;
     }
     let template = ChatTemplate::new(template_text, "<s>", "<|im_end|>")?;
     let end = tokenizer
@@ -721,34 +727,6 @@ fn build_model(
     let evb = Safetensors::open_dir(&dir)?.var_builder(DType::F32, &Device::Cpu);
     let tower = VisionTower::EfficientNet(EfficientNet::new(evb, &ec)?);
     Ok((Llava::with_vision(tower, vb, cfg)?, Some(dir)))
-}
-
-/// Sets every variable of `vm` from the tensor of the same name in a saved
-/// model; a missing or differently shaped tensor is an error naming it.
-fn load_into(vm: &VarMap, path: &Path) -> Result<()> {
-    let saved = candle_core::safetensors::load(path, &Device::Cpu)?;
-    let vars = vm
-        .data()
-        .lock()
-        .map_err(|_| Error::Invalid("variables poisoned".into()))?;
-    for (name, var) in vars.iter() {
-        let t = saved.get(name).ok_or_else(|| {
-            Error::Invalid(format!(
-                "training config: init_from: {} has no tensor `{name}`",
-                path.display()
-            ))
-        })?;
-        if t.dims() != var.dims() {
-            return Err(Error::Invalid(format!(
-                "training config: init_from: `{name}` is {:?} in {} but {:?} here",
-                t.dims(),
-                path.display(),
-                var.dims()
-            )));
-        }
-        var.set(t)?;
-    }
-    Ok(())
 }
 
 /// Writes `out/model.safetensors` atomically: the trained variables, plus
