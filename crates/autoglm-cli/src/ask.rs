@@ -189,6 +189,7 @@ fn run(g: &Global, a: &GenArgs, images: &[PathBuf], question: &str) -> Result<()
         stop_token_ids: Vec::new(),
         stop_strings: a.stop.clone(),
         answer_space: None,
+        layers: None,
     };
     let overflow = if a.truncate {
         Overflow::TruncateQuestion

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use autoglm::train::eval::EvalOptions;
 use autoglm::train::vqa::{evaluate, load_data, train_vqa, DataSource, VqaTrainConfig};
 use clap::Args;
 use serde_json::json;
@@ -101,6 +102,10 @@ pub struct EvalArgs {
     /// phrase of the prompt's Seen and Facts lines (`ask --kg` does this).
     #[arg(long)]
     kg_answers: bool,
+    /// A routed model takes the full path for every input (to compare
+    /// with the router on).
+    #[arg(long)]
+    router_off: bool,
 }
 
 pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
@@ -122,7 +127,11 @@ pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
     let dev = autoglm::default_device()?;
     let model = crate::ask::model_dir(&a.model)?;
     let kg_answers = autoglm::kg::qa::reader_answers;
-    let r = evaluate(&model, &ex, &dev, a.kg_answers.then_some(&kg_answers as _))?;
+    let opts = EvalOptions {
+        answers: a.kg_answers.then_some(&kg_answers as _),
+        router_off: a.router_off,
+    };
+    let r = evaluate(&model, &ex, &dev, opts)?;
     let plotted = a.confusion.as_ref().map(|p| (p, r.confusion.plot(p)));
     if let Some((_, Err(e))) = &plotted {
         eprintln!("warning: no confusion matrix: {e}");
@@ -137,6 +146,20 @@ pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
         );
         for (k, (n, acc)) in &r.per_type {
             println!("  {k:<8} {:>6.2}%  ({n})", acc * 100.0);
+        }
+        let l = r.latency_ms;
+        println!(
+            "latency {:.1} ms mean, {:.1} ms p95; {:.1} examples/s",
+            l.mean, l.p95, r.throughput
+        );
+        if let Some(c) = r.routes {
+            println!(
+                "router: {} light ({:.2}% right), {} full ({:.2}% right)",
+                c.light,
+                c.light_accuracy * 100.0,
+                c.full,
+                c.full_accuracy * 100.0
+            );
         }
         println!("({} with {}, {:.0} s)", a.split, model.display(), r.seconds);
         if let Some((p, Ok(()))) = &plotted {

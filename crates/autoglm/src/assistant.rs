@@ -31,6 +31,9 @@ pub struct Answer {
     pub tokens: Vec<u32>,
     pub finish: Finish,
     pub prompt_tokens: usize,
+    /// The path a routed model took (`None`: no router, or the caller fixed
+    /// the depth with [`GenerateConfig::layers`]).
+    pub route: Option<crate::fusion::router::Route>,
 }
 
 /// What to do with a prompt longer than the context window.
@@ -184,8 +187,17 @@ impl Assistant {
         } else {
             Some(self.preprocess.batch(images, &self.device)?)
         };
-        let embeds = self.model.embed_prompt(&ids, pixels.as_ref())?.squeeze(0)?;
+        let embeds = self.model.embed_prompt(&ids, pixels.as_ref())?;
         let mut cfg = cfg.clone();
+        // A routed model picks its depth, unless the caller fixed it.
+        let mut route = None;
+        if cfg.layers.is_none() {
+            if let Some((r, depth)) = self.model.route(&embeds)? {
+                route = Some(r);
+                cfg.layers = Some(depth);
+            }
+        }
+        let embeds = embeds.squeeze(0)?;
         cfg.stop_token_ids.extend(&self.eos_ids);
         let decode = |t: &[u32]| self.tokenizer.decode(t);
         let mut generated: Vec<u32> = Vec::new();
@@ -229,6 +241,7 @@ impl Assistant {
             tokens: g.tokens,
             finish: g.finish,
             prompt_tokens: ids.len(),
+            route,
         })
     }
 

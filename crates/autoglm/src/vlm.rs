@@ -12,9 +12,11 @@ use candle_nn::VarBuilder;
 use crate::config::LlavaConfig;
 use crate::fusion::attention::GatedCrossAttention;
 use crate::fusion::projector::Projector;
+use crate::fusion::router::{Route, Router};
 use crate::io::weights::Safetensors;
 use crate::text::kv_cache::KvCache;
 use crate::text::llama::{Llama, Positions};
+use crate::vision::convnet::ConvNet;
 use crate::vision::efficientnet::{EfficientNet, EfficientNetConfig};
 use crate::vision::vit::ClipVision;
 use crate::{Error, Result};
@@ -24,6 +26,7 @@ use crate::{Error, Result};
 pub enum VisionTower {
     Clip(ClipVision),
     EfficientNet(EfficientNet),
+    Conv(ConvNet),
 }
 
 pub struct Llava {
@@ -32,6 +35,9 @@ pub struct Llava {
     /// Image→text attention on the projected image tokens
     /// (`image_text_attention.*`), when the config asks for it.
     pub image_text: Option<GatedCrossAttention>,
+    /// Chooses each prompt's decoder depth (`router.*`), when the config
+    /// asks for it.
+    pub router: Option<Router>,
     pub lm: Llama,
     pub config: LlavaConfig,
 }
@@ -52,6 +58,8 @@ impl Llava {
             let mut ec = EfficientNetConfig::lite0();
             ec.image_size = cfg.vision_config.image_size;
             VisionTower::EfficientNet(EfficientNet::new(tower, &ec)?)
+        } else if cfg.vision_config.is_conv() {
+            VisionTower::Conv(ConvNet::new(tower, &cfg.vision_config.conv())?)
         } else if tower.contains_tensor("vision_model.embeddings.class_embedding") {
             // CLIPVisionModel keeps the transformer under `vision_model`.
             VisionTower::Clip(ClipVision::new(
@@ -89,7 +97,7 @@ impl Llava {
             projector: Projector::new(
                 root.pp("multi_modal_projector"),
                 kind,
-                cfg.vision_config.hidden_size,
+                cfg.vision_config.feature_width(),
                 t.hidden_size,
                 cfg.multimodal_projector_bias,
                 cfg.adapter_dim.unwrap_or(t.hidden_size / 4),
@@ -105,6 +113,10 @@ impl Llava {
                         None,
                     )
                 })
+                .transpose()?,
+            router: cfg
+                .router_light_layers
+                .map(|_| Router::new(root.pp("router"), t.hidden_size, cfg.router_threshold))
                 .transpose()?,
             lm: Llama::new(lm_model, lm_head, t)?,
             config: cfg.clone(),
@@ -139,6 +151,7 @@ impl Llava {
     pub fn vision_features(&self, pixels: &Tensor) -> Result<Tensor> {
         let vit = match &self.vision {
             VisionTower::EfficientNet(e) => return e.head_tokens(pixels),
+            VisionTower::Conv(c) => return c.forward(pixels),
             VisionTower::Clip(v) => v,
         };
         let out = vit.forward(pixels)?;
@@ -325,6 +338,41 @@ impl Llava {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::stack(&out, 0)?)
+    }
+
+    /// The router's input: the mean of each row's prompt embeddings.
+    ///
+    /// # Shapes
+    /// `embeds`: (B, T, H), `prompt_lens`: B lengths ≤ T → (B, H)
+    pub fn router_input(&self, embeds: &Tensor, prompt_lens: &[usize]) -> Result<Tensor> {
+        let (b, t, _) = embeds.dims3()?;
+        if prompt_lens.len() != b || prompt_lens.iter().any(|&p| p == 0 || p > t) {
+            return Err(Error::Invalid(format!(
+                "router: {} prompt lengths for {b} rows of {t} positions, each in 1..={t}",
+                prompt_lens.len()
+            )));
+        }
+        let w: Vec<f32> = prompt_lens
+            .iter()
+            .flat_map(|&p| (0..t).map(move |j| if j < p { 1.0 / p as f32 } else { 0.0 }))
+            .collect();
+        let w = Tensor::from_vec(w, (b, 1, t), embeds.device())?;
+        Ok(w.matmul(embeds)?.squeeze(1)?)
+    }
+
+    /// The path and decoder depth for one prompt's embeddings (1, T, H):
+    /// `None` without a router.
+    pub fn route(&self, embeds: &Tensor) -> Result<Option<(Route, usize)>> {
+        let (Some(router), Some(light)) = (&self.router, self.config.router_light_layers) else {
+            return Ok(None);
+        };
+        let t = embeds.dim(1)?;
+        let route = router.route(&self.router_input(embeds, &[t])?)?[0];
+        let depth = match route {
+            Route::Light => light,
+            Route::Full => self.lm.depth(),
+        };
+        Ok(Some((route, depth)))
     }
 
     /// Logits of every prompt position (for parity tests and scoring).

@@ -437,7 +437,7 @@ fn vqa_training_writes_a_usable_model() {
         .into_iter()
         .take(12)
         .collect();
-    let r = evaluate(dir.path(), &test, &Device::Cpu, None).unwrap();
+    let r = evaluate(dir.path(), &test, &Device::Cpu, Default::default()).unwrap();
     assert_eq!(r.examples, 12);
     assert!((0.0..=1.0).contains(&r.accuracy));
     assert_eq!(r.per_type.values().map(|(n, _)| n).sum::<usize>(), 12);
@@ -514,7 +514,7 @@ fn image_text_attention_trains_and_reloads() {
         .into_iter()
         .take(4)
         .collect();
-    let r = evaluate(dir.path(), &test, &Device::Cpu, None).unwrap();
+    let r = evaluate(dir.path(), &test, &Device::Cpu, Default::default()).unwrap();
     assert_eq!(r.examples, 4);
 }
 
@@ -598,6 +598,47 @@ fn bad_training_configs_name_the_field() {
     check(serde_json::json!({"projector": "none"}), "projector");
     check(serde_json::json!({"steps": 0}), "steps");
     check(serde_json::json!({"attention_top_k": 0}), "attention_top_k");
+    check(
+        serde_json::json!({"router_light_layers": 1}),
+        "router_light_layers",
+    );
+    check(
+        serde_json::json!({"router_cost_weight": -1.0}),
+        "router_cost_weight",
+    );
+    check(
+        serde_json::json!({"feature_fusion": "gate"}),
+        "feature_fusion",
+    );
+    check(serde_json::json!({"fpn": true}), "fpn");
+    let cnn = |more: serde_json::Value| {
+        let mut v = serde_json::json!({"vision": "cnn", "image_size": 80, "vision_layers": 4});
+        for (k, x) in more.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    check(cnn(serde_json::json!({"image_size": 75})), "image_size");
+    check(
+        cnn(serde_json::json!({"vision_layers": 1, "image_size": 64, "feature_fusion": "gate"})),
+        "feature_fusion",
+    );
+    check(
+        cnn(serde_json::json!({"vision_layers": 1, "image_size": 64, "fpn": true})),
+        "fpn",
+    );
+    check(
+        cnn(serde_json::json!({"vision_hidden": 0})),
+        "vision_hidden",
+    );
+    let e = serde_json::from_value::<VqaTrainConfig>({
+        let mut v = base.clone();
+        v["feature_fusion"] = "mean".into();
+        v
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`add`, `attention`, `gate`"), "{e}");
     // A misspelt option is an error, not silently ignored.
     let mut typo = base.clone();
     typo["image_text_heads"] = 4.into();
@@ -622,4 +663,158 @@ fn bad_training_configs_name_the_field() {
         serde_json::json!({"image_text_attention_heads": 2, "blind": true}),
         "image_text_attention_heads",
     );
+}
+
+/// Early exit: the states after the first layer of a 2-layer decoder are
+/// those of the same weights built as a 1-layer decoder, and decoding with
+/// `GenerateConfig::layers = 1` gives the 1-layer model's tokens (the KV
+/// cache continued at that depth).
+#[test]
+fn early_exit_is_the_shallower_decoder() {
+    use autoglm::text::generate::{generate, GenerateConfig};
+    use autoglm::text::llama::Positions;
+    let (vm, deep) = model(11);
+    let mut cfg = tiny();
+    cfg.text_config.num_hidden_layers = 1;
+    let shallow = Llava::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg).unwrap();
+    let ids: Vec<u32> = vec![1, 7, 9, 12, 30, 2];
+    let e = deep.embed_prompt(&ids, None).unwrap();
+    let pos = Positions::contiguous(1, ids.len(), 0, &Device::Cpu).unwrap();
+    let exits = deep
+        .lm
+        .forward_embeds_exits(&e, &pos, &mut deep.lm.new_cache(), &[1, 2])
+        .unwrap();
+    let full = deep
+        .lm
+        .forward_embeds(&e, &pos, &mut deep.lm.new_cache())
+        .unwrap();
+    assert_eq!(common::max_abs_diff(&exits[1], &full), 0.0);
+    let one = shallow
+        .lm
+        .forward_embeds(&e, &pos, &mut shallow.lm.new_cache())
+        .unwrap();
+    assert_eq!(common::max_abs_diff(&exits[0], &one), 0.0);
+    assert!(common::max_abs_diff(&exits[0], &exits[1]) > 1e-3);
+    let gen = |m: &Llava, layers| {
+        let cfg = GenerateConfig {
+            max_new_tokens: 6,
+            layers,
+            ..GenerateConfig::default()
+        };
+        generate(&m.lm, &e.squeeze(0).unwrap(), &ids, &cfg, None, &mut |_| {
+            true
+        })
+        .unwrap()
+        .tokens
+    };
+    assert_eq!(gen(&deep, Some(1)), gen(&shallow, None));
+    assert_eq!(gen(&deep, Some(2)), gen(&deep, None));
+    for bad in [&[][..], &[0], &[2, 1], &[3]] {
+        let err = deep
+            .lm
+            .forward_embeds_exits(&e, &pos, &mut deep.lm.new_cache(), bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exits"), "{bad:?}: {err}");
+    }
+}
+
+/// The convolutional tower with FPN and gated level fusion, and a router
+/// over the decoder's depth: trains end to end, records its choices in
+/// `config.json`, reloads for `ask`/`eval`, and routes by its threshold.
+#[test]
+fn cnn_fusion_and_router_train_and_reload() {
+    use autoglm::fusion::router::Route;
+    use autoglm::train::eval::EvalOptions;
+    use autoglm::train::vqa::{evaluate, load_data, train_vqa, DataSource, VqaTrainConfig};
+    let cfg: VqaTrainConfig = serde_json::from_value(serde_json::json!({
+        "data": {"kind": "easy-vqa"}, "vision": "cnn", "max_train_examples": 32,
+        "image_size": 16, "vision_hidden": 8, "vision_layers": 2, "feature_fusion": "gate",
+        "fpn": true, "router_light_layers": 1, "projector": "mlp", "text_hidden": 32,
+        "text_layers": 2, "text_heads": 2, "text_kv_heads": 1, "vocab_size": 200, "steps": 6,
+        "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 3,
+        "held_out_images": 0
+    }))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut losses = Vec::new();
+    train_vqa(&cfg, dir.path(), false, &mut |m| losses.push(m.loss)).unwrap();
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    let read_cfg = |d: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
+    };
+    let saved = read_cfg(dir.path());
+    assert_eq!(saved["vision_config"]["model_type"], "conv_vision");
+    assert_eq!(saved["vision_config"]["feature_fusion"], "gate");
+    assert_eq!(saved["vision_config"]["fpn"], true);
+    assert_eq!(saved["router_light_layers"], 1);
+    let w =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    // Biases start at 0: these moved, so gradients reached them.
+    for name in [
+        "router.score.bias",
+        "vision_tower.conv.0.bias",
+        "vision_tower.fpn.lateral.0.bias",
+        "vision_tower.level_fusion.gate.bias",
+    ] {
+        let moved = w[name]
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(moved > 0.0, "{name} did not train");
+    }
+    let test: Vec<_> = load_data(&DataSource::EasyVqa, "test")
+        .unwrap()
+        .into_iter()
+        .take(6)
+        .collect();
+    let r = evaluate(dir.path(), &test, &Device::Cpu, Default::default()).unwrap();
+    let c = r.routes.expect("a routed model reports its routes");
+    assert_eq!(c.light + c.full, 6);
+    assert!(r.latency_ms.p95 >= r.latency_ms.p50 && r.latency_ms.mean > 0.0);
+    let off = EvalOptions {
+        router_off: true,
+        ..Default::default()
+    };
+    assert!(evaluate(dir.path(), &test, &Device::Cpu, off)
+        .unwrap()
+        .routes
+        .is_none());
+    // The threshold decides: 0 sends everything to the full path, 1 to the
+    // light one (p < 1); the light path's answers are those of the same
+    // weights decoding with one layer.
+    let mut c = saved.clone();
+    c["router_threshold"] = 0.0.into();
+    std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+    let r = evaluate(dir.path(), &test, &Device::Cpu, Default::default()).unwrap();
+    assert_eq!(r.routes.unwrap().full, 6);
+    c["router_threshold"] = 1.0.into();
+    std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+    let a = autoglm::assistant::Assistant::load(dir.path(), &Device::Cpu).unwrap();
+    let img = autoglm::io::image::load(&test[0].image, Default::default()).unwrap();
+    let gcfg = autoglm::text::generate::GenerateConfig {
+        max_new_tokens: 4,
+        ..Default::default()
+    };
+    let ask = |cfg: &autoglm::text::generate::GenerateConfig| {
+        a.ask(
+            std::slice::from_ref(&img),
+            &test[0].question,
+            cfg,
+            autoglm::assistant::Overflow::Error,
+            &mut |_| true,
+        )
+        .unwrap()
+    };
+    let routed = ask(&gcfg);
+    assert_eq!(routed.route, Some(Route::Light));
+    let one = ask(&autoglm::text::generate::GenerateConfig {
+        layers: Some(1),
+        ..gcfg.clone()
+    });
+    assert_eq!(routed.tokens, one.tokens);
+    assert_eq!(one.route, None, "a fixed depth is not a routing decision");
 }

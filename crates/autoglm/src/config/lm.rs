@@ -276,6 +276,19 @@ pub struct LlavaConfig {
     /// on the question. Absent: plain prefix tokens.
     #[serde(default)]
     pub image_text_attention_heads: Option<usize>,
+    /// Not in HF's config: a learned router (`router.*`) sends each prompt
+    /// down a light path, decoding with only this many decoder layers
+    /// (early exit), or the full one. Absent: always the full path.
+    #[serde(default)]
+    pub router_light_layers: Option<usize>,
+    /// The router's probability of needing the full path at or above
+    /// which a prompt takes it.
+    #[serde(default = "default_half")]
+    pub router_threshold: f64,
+}
+
+fn default_half() -> f64 {
+    0.5
 }
 
 fn default_layer() -> i64 {
@@ -306,10 +319,29 @@ impl LlavaConfig {
                 ));
             }
         }
+        if let Some(l) = self.router_light_layers {
+            let n = self.text_config.num_hidden_layers;
+            if l == 0 || l >= n {
+                return Err(invalid(
+                    path,
+                    format!("router_light_layers {l} must be at least 1 and fewer than the decoder's {n} layers"),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.router_threshold) {
+            return Err(invalid(
+                path,
+                format!(
+                    "router_threshold {} must be in [0, 1]",
+                    self.router_threshold
+                ),
+            ));
+        }
         let v = &self.vision_config;
         v.validate(path)?;
         let layers = v.num_hidden_layers as i64;
         if !v.is_efficientnet()
+            && !v.is_conv()
             && (self.vision_feature_layer < -(layers + 1) || self.vision_feature_layer > layers)
         {
             return Err(invalid(
@@ -343,12 +375,12 @@ impl LlavaConfig {
             ));
         }
         let kind = self.projector().map_err(|m| invalid(path, m))?;
-        if kind == ProjectorKind::None && v.hidden_size != self.text_config.hidden_size {
+        if kind == ProjectorKind::None && v.feature_width() != self.text_config.hidden_size {
             return Err(invalid(
                 path,
                 format!(
                     "projector `none` needs equal widths, but the vision tower has {} and the LM {}; use linear, mlp or adapter",
-                    v.hidden_size, self.text_config.hidden_size
+                    v.feature_width(), self.text_config.hidden_size
                 ),
             ));
         }
@@ -365,6 +397,9 @@ impl LlavaConfig {
         if self.vision_config.is_efficientnet() {
             let g = self.vision_config.image_size / 32;
             return g * g;
+        }
+        if self.vision_config.is_conv() {
+            return self.vision_config.conv().tokens();
         }
         let g = self.vision_config.image_size / self.vision_config.patch_size;
         g * g + usize::from(self.vision_feature_select_strategy == "full")

@@ -161,6 +161,11 @@ impl Default for ClipTextConfig {
 /// `vision_config.model_type` of the EfficientNet-Lite0 tower.
 pub const EFFICIENTNET_LITE0: &str = "efficientnet_lite0";
 
+/// `vision_config.model_type` of the small convolutional encoder trained
+/// from scratch ([`crate::vision::convnet`]): `hidden_size` channels,
+/// `num_hidden_layers` stride-2 convolutions.
+pub const CONV_VISION: &str = "conv_vision";
+
 /// HF `CLIPVisionConfig`, with HF's defaults.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -181,6 +186,12 @@ pub struct ClipVisionConfig {
     /// Not in HF's config: top-k sparse attention in the encoder (each
     /// patch attends to its `k` highest-scoring patches); absent = dense.
     pub attention_top_k: Option<usize>,
+    /// Not in HF's config, [`CONV_VISION`] only: how the last two stages
+    /// combine (add, attention, gate); absent = the last stage alone.
+    pub feature_fusion: Option<crate::fusion::gating::FusionKind>,
+    /// Not in HF's config, [`CONV_VISION`] only: a feature pyramid with
+    /// channel and spatial attention over the last two stages.
+    pub fpn: bool,
 }
 
 impl Default for ClipVisionConfig {
@@ -197,6 +208,8 @@ impl Default for ClipVisionConfig {
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
             attention_top_k: None,
+            feature_fusion: None,
+            fpn: false,
         }
     }
 }
@@ -207,8 +220,45 @@ impl ClipVisionConfig {
         self.model_type.as_deref() == Some(EFFICIENTNET_LITE0)
     }
 
+    /// Whether this is the convolutional encoder trained from scratch.
+    pub fn is_conv(&self) -> bool {
+        self.model_type.as_deref() == Some(CONV_VISION)
+    }
+
+    /// The convolutional encoder this config describes.
+    pub fn conv(&self) -> crate::vision::convnet::ConvNetConfig {
+        crate::vision::convnet::ConvNetConfig {
+            channels: self.hidden_size,
+            layers: self.num_hidden_layers,
+            image_size: self.image_size,
+            fusion: self.feature_fusion,
+            fpn: self.fpn,
+        }
+    }
+
+    /// Width of the features the tower hands the projector.
+    pub fn feature_width(&self) -> usize {
+        if self.is_conv() {
+            self.conv().token_width()
+        } else {
+            self.hidden_size
+        }
+    }
+
     /// Checks the head layout and that the image holds at least one patch.
     pub fn validate(&self, path: &Path) -> Result<()> {
+        if (self.feature_fusion.is_some() || self.fpn) && !self.is_conv() {
+            return Err(invalid(
+                path,
+                format!("vision_config: feature_fusion and fpn fuse the stages of the convolutional encoder; set model_type `{CONV_VISION}` or drop them"),
+            ));
+        }
+        if self.is_conv() {
+            return self
+                .conv()
+                .check()
+                .map_err(|(field, why)| invalid(path, format!("vision_config.{field}: {why}")));
+        }
         if self.is_efficientnet() {
             if self.hidden_size != 1280 || self.image_size == 0 || self.image_size % 32 != 0 {
                 return Err(invalid(
@@ -225,7 +275,7 @@ impl ClipVisionConfig {
             if !matches!(t, "clip_vision_model" | "siglip_vision_model") {
                 return Err(invalid(
                     path,
-                    format!("vision_config.model_type `{t}` is not supported (clip_vision_model, siglip_vision_model or {EFFICIENTNET_LITE0})"),
+                    format!("vision_config.model_type `{t}` is not supported (clip_vision_model, siglip_vision_model, {EFFICIENTNET_LITE0} or {CONV_VISION})"),
                 ));
             }
         }

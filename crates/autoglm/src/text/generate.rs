@@ -49,6 +49,9 @@ pub struct GenerateConfig {
     /// A closed set of answers: each step may only choose a token that
     /// continues one of them (a stop token once one is complete).
     pub answer_space: Option<std::sync::Arc<AnswerSpace>>,
+    /// Decode with the first `n` decoder layers only (early exit: the light
+    /// path of a routed model); `None`: all of them.
+    pub layers: Option<usize>,
 }
 
 /// A closed set of answers as token sequences (a trie), for constrained
@@ -148,6 +151,7 @@ impl Default for GenerateConfig {
             stop_token_ids: Vec::new(),
             stop_strings: Vec::new(),
             answer_space: None,
+            layers: None,
         }
     }
 }
@@ -339,14 +343,18 @@ pub fn generate_batch(
     let positions = Tensor::from_vec(pos, (b, t_max), &dev)?;
     let embeds = Tensor::stack(&rows, 0)?;
     let mut cache = lm.new_cache();
-    let hidden = lm.forward_embeds(
-        &embeds,
-        &Positions {
-            positions,
-            key_mask: Some(key_mask.clone()),
-        },
-        &mut cache,
-    )?;
+    let depth = [cfg.layers.unwrap_or(lm.depth())];
+    let hidden = lm
+        .forward_embeds_exits(
+            &embeds,
+            &Positions {
+                positions,
+                key_mask: Some(key_mask.clone()),
+            },
+            &mut cache,
+            &depth,
+        )?
+        .remove(0);
     let mut last = hidden.narrow(1, t_max - 1, 1)?; // (B, 1, H)
 
     let mut samplers = (0..b)
@@ -410,14 +418,17 @@ pub fn generate_batch(
         let ids = Tensor::from_vec(next, (b, 1), &dev)?;
         let step_pos: Vec<u32> = (0..b).map(|r| (lens[r] + step) as u32).collect();
         key_mask = Tensor::cat(&[&key_mask, &Tensor::ones((b, 1), DType::F32, &dev)?], 1)?;
-        let hidden = lm.forward_embeds(
-            &lm.embed(&ids)?,
-            &Positions {
-                positions: Tensor::from_vec(step_pos, (b, 1), &dev)?,
-                key_mask: Some(key_mask.clone()),
-            },
-            &mut cache,
-        )?;
+        let hidden = lm
+            .forward_embeds_exits(
+                &lm.embed(&ids)?,
+                &Positions {
+                    positions: Tensor::from_vec(step_pos, (b, 1), &dev)?,
+                    key_mask: Some(key_mask.clone()),
+                },
+                &mut cache,
+                &depth,
+            )?
+            .remove(0);
         last = hidden;
     }
     Ok(out)

@@ -251,6 +251,36 @@ impl Llama {
         pos: &Positions,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        let mut out = self.forward_embeds_exits(embeds, pos, cache, &[self.layers.len()])?;
+        Ok(out.remove(0))
+    }
+
+    /// Number of decoder layers.
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// As [`Self::forward_embeds`], stopping after the first `exits.last()`
+    /// layers (early exit): the final-normed hidden states after each of
+    /// `exits` layers (increasing, each in 1..=depth). Only the layers run
+    /// fill the cache, so a cache must be continued at the same depth.
+    pub fn forward_embeds_exits(
+        &self,
+        embeds: &Tensor,
+        pos: &Positions,
+        cache: &mut KvCache,
+        exits: &[usize],
+    ) -> Result<Vec<Tensor>> {
+        let n = self.layers.len();
+        if exits.is_empty()
+            || exits[0] == 0
+            || exits.windows(2).any(|w| w[0] >= w[1])
+            || exits[exits.len() - 1] > n
+        {
+            return Err(Error::Invalid(format!(
+                "decoder exits {exits:?} must increase within 1..={n} (the decoder's layers)"
+            )));
+        }
         let (b, t, _) = embeds.dims3()?;
         let past = cache.len();
         let s = past + t;
@@ -272,7 +302,8 @@ impl Llama {
         }
         let (cos, sin) = self.rope.tables(&pos.positions)?;
         let mut x = embeds.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
+        let mut out = Vec::with_capacity(exits.len());
+        for (i, layer) in self.layers[..exits[exits.len() - 1]].iter().enumerate() {
             let h =
                 layer
                     .attn
@@ -280,8 +311,11 @@ impl Llama {
             let x1 = (x + h)?;
             let h = layer.mlp.forward(&layer.mlp_norm.forward(&x1)?)?;
             x = (x1 + h)?;
+            if exits.contains(&(i + 1)) {
+                out.push(self.norm.forward(&x)?);
+            }
         }
-        Ok(self.norm.forward(&x)?)
+        Ok(out)
     }
 
     /// Vocabulary logits of hidden states: (…, H) → (…, V)

@@ -22,6 +22,56 @@ pub struct EvalReport {
     pub per_type: std::collections::BTreeMap<String, (usize, f64)>,
     pub confusion: Confusion,
     pub seconds: f64,
+    /// Time of each `ask` (preprocessing, vision tower, decoding).
+    pub latency_ms: Latency,
+    /// Examples per second over the whole run (all threads).
+    pub throughput: f64,
+    /// How many examples a routed model sent down each path, and its
+    /// accuracy there; absent without a router (or with it off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routes: Option<RouteCounts>,
+}
+
+/// Mean and percentiles of per-example latency, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Latency {
+    pub mean: f64,
+    pub p50: f64,
+    pub p95: f64,
+}
+
+impl Latency {
+    pub fn of(ms: &[f64]) -> Self {
+        if ms.is_empty() {
+            return Self::default();
+        }
+        let mut v = ms.to_vec();
+        v.sort_by(f64::total_cmp);
+        // Nearest rank.
+        let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Self {
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            p50: at(0.5),
+            p95: at(0.95),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct RouteCounts {
+    pub light: usize,
+    pub full: usize,
+    pub light_accuracy: f64,
+    pub full_accuracy: f64,
+}
+
+/// How [`evaluate`] asks.
+#[derive(Clone, Copy, Default)]
+pub struct EvalOptions<'a> {
+    /// Restricts decoding to each question's answer set.
+    pub answers: Option<AnswersOf<'a>>,
+    /// A routed model takes the full path for every input (router off).
+    pub router_off: bool,
 }
 
 /// `counts[i][j]`: examples whose answer is `labels[i]` and that the model
@@ -83,19 +133,20 @@ pub fn answer_kind(answer: &str) -> &'static str {
 pub type AnswersOf<'a> = &'a (dyn Fn(&str) -> Vec<String> + Sync);
 
 /// Asks the model every question (greedy, as `autoglm ask` does), the
-/// examples spread over the rayon threads; with `answers`, decoding is
-/// restricted to each question's answer set.
+/// examples spread over the rayon threads (one thread for latencies that
+/// mean what they say).
 pub fn evaluate(
     model_dir: &Path,
     examples: &[VqaExample],
     device: &Device,
-    answers: Option<AnswersOf>,
+    opts: EvalOptions,
 ) -> Result<EvalReport> {
     use rayon::prelude::*;
     let t0 = std::time::Instant::now();
     let a = Assistant::load(model_dir, device)?;
     let cfg = GenerateConfig {
         max_new_tokens: 8,
+        layers: opts.router_off.then(|| a.model.lm.depth()),
         ..GenerateConfig::default()
     };
     // A model trained blind (the ablation's baseline) is asked without images.
@@ -103,7 +154,7 @@ pub fn evaluate(
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .is_some_and(|v| v["blind"] == true);
-    let answers = examples
+    let asked = examples
         .par_iter()
         .map(|e| {
             let imgs = if blind {
@@ -112,15 +163,34 @@ pub fn evaluate(
                 vec![load(&e.image, ImageLimits::default())?]
             };
             let mut cfg = cfg.clone();
-            if let Some(of) = answers {
+            if let Some(of) = opts.answers {
                 cfg.answer_space = Some(std::sync::Arc::new(a.answer_space(&of(&e.question))?));
             }
-            Ok(
-                a.ask(&imgs, &e.question, &cfg, Overflow::Error, &mut |_| true)?
-                    .text,
-            )
+            let t = std::time::Instant::now();
+            let answer = a.ask(&imgs, &e.question, &cfg, Overflow::Error, &mut |_| true)?;
+            Ok((answer.text, answer.route, t.elapsed().as_secs_f64() * 1e3))
         })
-        .collect::<Result<Vec<String>>>()?;
+        .collect::<Result<Vec<_>>>()?;
+    let answers: Vec<String> = asked.iter().map(|(t, _, _)| t.clone()).collect();
+    let ms: Vec<f64> = asked.iter().map(|(_, _, ms)| *ms).collect();
+    let routes = asked.iter().any(|(_, r, _)| r.is_some()).then(|| {
+        use crate::fusion::router::Route;
+        let mut c = RouteCounts::default();
+        let (mut ok_light, mut ok_full) = (0, 0);
+        for ((ans, r, _), e) in asked.iter().zip(examples) {
+            let ok = usize::from(ans.trim() == e.answer.trim());
+            if *r == Some(Route::Light) {
+                c.light += 1;
+                ok_light += ok;
+            } else {
+                c.full += 1;
+                ok_full += ok;
+            }
+        }
+        c.light_accuracy = ok_light as f64 / c.light.max(1) as f64;
+        c.full_accuracy = ok_full as f64 / c.full.max(1) as f64;
+        c
+    });
     let mut per: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let mut correct = 0;
     for (e, ans) in examples.iter().zip(&answers) {
@@ -143,5 +213,8 @@ pub fn evaluate(
             .collect(),
         confusion: Confusion::from_answers(&truth, &answers),
         seconds: t0.elapsed().as_secs_f64(),
+        latency_ms: Latency::of(&ms),
+        throughput: examples.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        routes,
     })
 }

@@ -88,6 +88,12 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            // A gradient may carry the graph that computed it (a conv
+            // kernel's is `input ⋆ grad`, with the batch's activations as
+            // input): the moments must not, or every step's activations
+            // stay alive through them (measured: +45 MB a step on the cnn).
+            let g = g.detach();
+            let g = &g;
             p.m = ((&p.m * b1)? + (g * (1.0 - b1))?)?;
             p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&p.m / c1)? / ((&p.v / c2)?.sqrt()? + self.cfg.eps)?)?;
@@ -150,4 +156,42 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
         }
     }
     Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// A conv kernel's gradient is `input ⋆ grad` and keeps the graph of
+    /// its input (candle detaches the gradients of intermediate nodes, not
+    /// those of variables). The moments must not keep it, or each step's
+    /// activations live on through them.
+    #[test]
+    fn moments_do_not_hold_the_graph() {
+        let dev = Device::Cpu;
+        let w =
+            Var::from_tensor(&Tensor::ones((2, 1, 3, 3), candle_core::DType::F32, &dev).unwrap())
+                .unwrap();
+        let a =
+            Var::from_tensor(&Tensor::ones((1, 1, 5, 5), candle_core::DType::F32, &dev).unwrap())
+                .unwrap();
+        let x = (a.as_tensor() * 2.0).unwrap(); // an activation: tracked
+        let loss = x
+            .conv2d(w.as_tensor(), 1, 1, 1, 1)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(
+            grads.get(w.as_tensor()).unwrap().track_op(),
+            "candle now detaches variable gradients: this guard may go"
+        );
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default()).unwrap();
+        opt.step(&grads, 1e-3).unwrap();
+        for (name, t) in opt.state() {
+            assert!(!t.track_op(), "{name} holds the graph of its gradient");
+        }
+        assert!(!w.as_tensor().track_op() || w.as_tensor().is_variable());
+    }
 }

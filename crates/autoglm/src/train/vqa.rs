@@ -16,6 +16,7 @@ use super::{AdamWConfig, Metrics, Schedule, TrainConfig, Trainer};
 use crate::config::LlavaConfig;
 use crate::data::loader::epoch_order;
 use crate::data::{easy_vqa, jsonl, VqaExample};
+use crate::fusion::router::{routed_loss, RouteCost};
 use crate::io::preprocess::{CropRounding, Preprocess, Resample};
 use crate::io::weights::Safetensors;
 use crate::text::chat::ChatTemplate;
@@ -48,7 +49,10 @@ pub enum DataSource {
 pub struct VqaTrainConfig {
     pub data: DataSource,
     /// `vit`: a CLIP-layout ViT trained from scratch; `efficientnet-lite0`:
-    /// the pretrained EfficientNet-Lite0 (from the assets), kept frozen.
+    /// the pretrained EfficientNet-Lite0 (from the assets), kept frozen;
+    /// `cnn`: a small convolutional encoder trained from scratch
+    /// (`vision_hidden` channels, `vision_layers` stride-2 convolutions,
+    /// one token per cell of the last map, with its coordinates).
     #[serde(default = "vit")]
     pub vision: String,
     /// Train without images (the prompt has no image): what the questions
@@ -137,6 +141,30 @@ pub struct VqaTrainConfig {
     /// the model's `config.json` (`attention_top_k` of each tower).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_top_k: Option<usize>,
+    /// `cnn` only: how its last two stages combine into the image tokens
+    /// (`add`, `attention`, `gate`); absent: the last stage alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_fusion: Option<crate::fusion::gating::FusionKind>,
+    /// `cnn` only: a feature pyramid with channel and spatial attention over
+    /// its last two stages (the levels are added unless `feature_fusion`
+    /// says otherwise).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fpn: bool,
+    /// A learned router picks, per prompt, a light path (decoding with only
+    /// this many decoder layers) or the full one. Both paths are trained on
+    /// every batch; the router learns from their detached per-example
+    /// losses plus `router_cost_weight` × each path's share of the decoder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_light_layers: Option<usize>,
+    /// λ of the router's cost penalty: the full path is worth its extra
+    /// layers where it lowers an example's loss by more than λ × the
+    /// fraction of the decoder they are.
+    #[serde(default = "router_cost")]
+    pub router_cost_weight: f64,
+}
+
+fn router_cost() -> f64 {
+    0.3
 }
 
 impl VqaTrainConfig {
@@ -146,16 +174,43 @@ impl VqaTrainConfig {
         let bad = |field: &str, why: String| {
             Err(Error::Invalid(format!("training config: {field}: {why}")))
         };
-        let effnet = match self.vision.as_str() {
-            "vit" => false,
-            "efficientnet-lite0" => true,
+        let (effnet, cnn) = match self.vision.as_str() {
+            "vit" => (false, false),
+            "efficientnet-lite0" => (true, false),
+            "cnn" => (false, true),
             other => {
                 return bad(
                     "vision",
-                    format!("`{other}` is not known: use `vit` or `efficientnet-lite0`"),
+                    format!("`{other}` is not known: use `vit`, `cnn` or `efficientnet-lite0`"),
                 )
             }
         };
+        if !cnn && (self.feature_fusion.is_some() || self.fpn) {
+            let field = if self.fpn { "fpn" } else { "feature_fusion" };
+            return bad(
+                field,
+                format!(
+                    "fuses the stages of the `cnn` encoder, but vision is `{}`",
+                    self.vision
+                ),
+            );
+        }
+        if cnn {
+            if self.vision_hidden == 0 || self.vision_layers == 0 {
+                return bad(
+                    "vision_hidden/vision_layers",
+                    "the `cnn` encoder needs both, positive (channels, convolutions)".into(),
+                );
+            }
+            self.conv().check().map_err(|(field, why)| {
+                let field = match field {
+                    "hidden_size" => "vision_hidden",
+                    "num_hidden_layers" => "vision_layers",
+                    f => f,
+                };
+                Error::Invalid(format!("training config: {field}: {why}"))
+            })?;
+        }
         if self.steps == 0 || self.batch_size == 0 {
             return bad("steps/batch_size", "must be positive".into());
         }
@@ -176,6 +231,23 @@ impl VqaTrainConfig {
                 );
             }
         }
+        if let Some(l) = self.router_light_layers {
+            if l == 0 || l >= self.text_layers {
+                return bad(
+                    "router_light_layers",
+                    format!(
+                        "{l}: the light path needs at least 1 and fewer than text_layers {} decoder layers",
+                        self.text_layers
+                    ),
+                );
+            }
+        }
+        if !(self.router_cost_weight >= 0.0 && self.router_cost_weight.is_finite()) {
+            return bad(
+                "router_cost_weight",
+                format!("{} must be a finite λ ≥ 0", self.router_cost_weight),
+            );
+        }
         if self.attention_top_k == Some(0) {
             return bad(
                 "attention_top_k",
@@ -192,6 +264,7 @@ impl VqaTrainConfig {
             );
         }
         if !effnet
+            && !cnn
             && (self.patch_size == 0
                 || self.vision_hidden == 0
                 || self.vision_layers == 0
@@ -202,7 +275,7 @@ impl VqaTrainConfig {
                 "a ViT needs all four, positive".into(),
             );
         }
-        if !effnet && (self.image_size < self.patch_size) {
+        if !effnet && !cnn && (self.image_size < self.patch_size) {
             return bad(
                 "image_size",
                 format!("smaller than patch_size {}", self.patch_size),
@@ -212,6 +285,8 @@ impl VqaTrainConfig {
         // and a question with its answer.
         let image_tokens = if effnet {
             (self.image_size / 32).pow(2)
+        } else if cnn {
+            self.conv().tokens()
         } else {
             self.image_size
                 .checked_div(self.patch_size)
@@ -234,14 +309,18 @@ impl VqaTrainConfig {
                 ),
             );
         }
-        if !effnet && self.projector == "none" && self.vision_hidden != self.text_hidden {
-            return bad(
-                "projector",
-                format!(
-                    "`none` needs vision_hidden = text_hidden, got {} and {}",
-                    self.vision_hidden, self.text_hidden
-                ),
-            );
+        if !effnet && self.projector == "none" {
+            // The cnn's tokens carry two coordinates after its channels.
+            let width = self.vision_hidden + if cnn { 2 } else { 0 };
+            if width != self.text_hidden {
+                return bad(
+                    "projector",
+                    format!(
+                        "`none` needs the vision width ({width}) to equal text_hidden {}",
+                        self.text_hidden
+                    ),
+                );
+            }
         }
         if effnet && self.projector == "none" && self.text_hidden != 1280 {
             return bad(
@@ -250,6 +329,17 @@ impl VqaTrainConfig {
             );
         }
         Ok(effnet)
+    }
+
+    /// The `cnn` encoder this config describes.
+    fn conv(&self) -> crate::vision::convnet::ConvNetConfig {
+        crate::vision::convnet::ConvNetConfig {
+            channels: self.vision_hidden,
+            layers: self.vision_layers,
+            image_size: self.image_size,
+            fusion: self.feature_fusion,
+            fpn: self.fpn,
+        }
     }
 }
 
@@ -377,6 +467,17 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
     let vision = if c.vision == "efficientnet-lite0" {
         serde_json::json!({"model_type": crate::config::EFFICIENTNET_LITE0, "hidden_size": 1280,
             "image_size": c.image_size})
+    } else if c.vision == "cnn" {
+        let mut v = serde_json::json!({"model_type": crate::config::CONV_VISION,
+            "hidden_size": c.vision_hidden, "num_hidden_layers": c.vision_layers,
+            "image_size": c.image_size});
+        if let Some(f) = c.feature_fusion {
+            v["feature_fusion"] = serde_json::to_value(f).unwrap_or_default();
+        }
+        if c.fpn {
+            v["fpn"] = true.into();
+        }
+        v
     } else {
         serde_json::json!({"model_type": "clip_vision_model", "hidden_size": c.vision_hidden,
             "intermediate_size": 4 * c.vision_hidden, "num_hidden_layers": c.vision_layers,
@@ -396,6 +497,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
     });
     if let Some(h) = c.image_text_attention_heads {
         cfg["image_text_attention_heads"] = h.into();
+    }
+    if let Some(l) = c.router_light_layers {
+        cfg["router_light_layers"] = l.into();
     }
     if let Some(k) = c.attention_top_k {
         cfg["text_config"]["attention_top_k"] = k.into();
@@ -516,8 +620,15 @@ pub fn train_vqa(
         &serde_json::to_string_pretty(&cfg_json).unwrap_or_default(),
     )?;
     if let Some(src) = &c.init_from {
-        let theirs: serde_json::Value = crate::io::read_json(&src.join("config.json"))?;
-        if theirs != cfg_json {
+        // A router may be added to a trained model: it starts fresh.
+        let mut theirs: serde_json::Value = crate::io::read_json(&src.join("config.json"))?;
+        let mut ours = cfg_json.clone();
+        for v in [&mut theirs, &mut ours] {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("router_light_layers");
+            }
+        }
+        if theirs != ours {
             return Err(Error::Invalid(format!(
                 "training config: init_from: {} is a different model from the one this config builds (compare its config.json with {}); match the sizes, vision and projector",
                 src.display(),
@@ -537,7 +648,17 @@ pub fn train_vqa(
     init_weights(&vm, c.seed, c.init_std)?;
     if let Some(src) = &c.init_from {
         let path = src.join("model.safetensors");
-        let saved = candle_core::safetensors::load(&path, &Device::Cpu)?;
+        let mut saved = candle_core::safetensors::load(&path, &Device::Cpu)?;
+        for (name, var) in vm
+            .data()
+            .lock()
+            .map_err(|_| Error::Invalid("variable map poisoned".into()))?
+            .iter()
+        {
+            if name.starts_with("router.") && !saved.contains_key(name) {
+                saved.insert(name.clone(), var.as_tensor().copy()?);
+            }
+        }
         super::checkpoint::set_varmap(
             &vm,
             &saved,
@@ -645,6 +766,9 @@ pub fn train_vqa(
             .collect();
         let px = images.batch(idx.iter().map(|&i| &train[i].image), &flips)?;
         let rows: Vec<&Encoded> = idx.iter().map(|&i| &train_ids[i]).collect();
+        if model.router.is_some() {
+            return routed_answer_loss(&model, &rows, px.as_ref(), c.router_cost_weight);
+        }
         let (logits, targets) = answer_logits(&model, &rows, px.as_ref())?;
         Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
     };
@@ -791,6 +915,29 @@ impl ImageBatch {
 /// # Shapes
 /// → logits (A, V), targets (A) with A the total answer tokens.
 pub fn answer_logits(model: &Llava, rows: &[&Encoded], images: Images) -> Result<(Tensor, Tensor)> {
+    let a = answer_hidden(model, rows, images, &[model.lm.depth()])?;
+    Ok((model.lm.logits(&a.hidden[0])?, a.targets))
+}
+
+/// The decoder's states at the answer positions of a batch.
+struct AnswerHidden {
+    /// (A, H) after each requested number of layers.
+    hidden: Vec<Tensor>,
+    /// (A) the ids they should predict.
+    targets: Tensor,
+    /// The row of each answer token.
+    row_of: Vec<usize>,
+    /// (B, T, H) the input embeddings, and where each row's prompt ends.
+    embeds: Tensor,
+    prompt_lens: Vec<usize>,
+}
+
+fn answer_hidden(
+    model: &Llava,
+    rows: &[&Encoded],
+    images: Images,
+    exits: &[usize],
+) -> Result<AnswerHidden> {
     let ids: Vec<Vec<u32>> = rows
         .iter()
         .map(|r| {
@@ -800,11 +947,12 @@ pub fn answer_logits(model: &Llava, rows: &[&Encoded], images: Images) -> Result
         })
         .collect();
     let t = ids.iter().map(Vec::len).max().unwrap_or(0);
-    let (mut at, mut targets) = (Vec::new(), Vec::new());
+    let (mut at, mut targets, mut row_of) = (Vec::new(), Vec::new(), Vec::new());
     for (b, r) in rows.iter().enumerate() {
         for (k, &a) in r.answer.iter().enumerate() {
             at.push((b * t + r.prompt.len() - 1 + k) as u32);
             targets.push(a);
+            row_of.push(b);
         }
     }
     let dev = model.lm.embed_tokens_device().clone();
@@ -825,14 +973,77 @@ pub fn answer_logits(model: &Llava, rows: &[&Encoded], images: Images) -> Result
         }
     };
     let pos = Positions::contiguous(rows.len(), t, 0, &dev)?;
-    let h = model
+    let at = Tensor::new(at.as_slice(), &dev)?;
+    let hidden = model
         .lm
-        .forward_embeds(&e, &pos, &mut model.lm.new_cache())?;
-    let h = h
-        .reshape((rows.len() * t, h.dim(2)?))?
-        .index_select(&Tensor::new(at.as_slice(), &dev)?, 0)?;
+        .forward_embeds_exits(&e, &pos, &mut model.lm.new_cache(), exits)?
+        .into_iter()
+        .map(|h| {
+            let width = h.dim(2)?;
+            Ok(h.reshape((rows.len() * t, width))?.index_select(&at, 0)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let n = targets.len();
-    Ok((model.lm.logits(&h)?, Tensor::from_vec(targets, n, &dev)?))
+    Ok(AnswerHidden {
+        hidden,
+        targets: Tensor::from_vec(targets, n, &dev)?,
+        row_of,
+        embeds: e,
+        prompt_lens,
+    })
+}
+
+/// The training loss of a routed model: both paths' mean answer loss,
+/// plus the router's cost-penalised loss ([`routed_loss`]) on their
+/// detached per-example losses (the router learns where the light path
+/// suffices; it does not change what the paths compute).
+pub fn routed_answer_loss(
+    model: &Llava,
+    rows: &[&Encoded],
+    images: Images,
+    lambda: f64,
+) -> Result<Tensor> {
+    let (Some(router), Some(light)) = (&model.router, model.config.router_light_layers) else {
+        return Err(Error::Invalid(
+            "routed_answer_loss: the model has no router".into(),
+        ));
+    };
+    let depth = model.lm.depth();
+    let a = answer_hidden(model, rows, images, &[light, depth])?;
+    let per_row = |h: &Tensor| -> Result<Tensor> {
+        per_example_loss(&model.lm.logits(h)?, &a.targets, &a.row_of, rows.len())
+    };
+    let (l_light, l_full) = (per_row(&a.hidden[0])?, per_row(&a.hidden[1])?);
+    let p = router.probability(&model.router_input(&a.embeds, &a.prompt_lens)?.detach())?;
+    let cost = RouteCost {
+        light: light as f64 / depth as f64,
+        full: 1.0,
+    };
+    let route = routed_loss(&p, &l_full.detach(), &l_light.detach(), cost, lambda)?;
+    Ok(((l_full.mean_all()? + l_light.mean_all()?)? + route)?)
+}
+
+/// Each row's mean token cross-entropy.
+///
+/// # Shapes
+/// `logits`: (A, V), `targets`: (A), `row_of`: A rows in 0..B → (B)
+fn per_example_loss(
+    logits: &Tensor,
+    targets: &Tensor,
+    row_of: &[usize],
+    b: usize,
+) -> Result<Tensor> {
+    let a = row_of.len();
+    let lsm = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;
+    let nll = lsm.gather(&targets.unsqueeze(1)?, 1)?.neg()?; // (A, 1)
+    let mut count = vec![0f32; b];
+    row_of.iter().for_each(|&r| count[r] += 1.0);
+    let mut w = vec![0f32; b * a];
+    for (j, &r) in row_of.iter().enumerate() {
+        w[r * a + j] = 1.0 / count[r];
+    }
+    let w = Tensor::from_vec(w, (b, a), logits.device())?;
+    Ok(w.matmul(&nll)?.squeeze(1)?)
 }
 
 /// A hash of `(seed, step, k)`: the augmentation of the k-th example of a
@@ -884,4 +1095,42 @@ pub fn init_weights(vm: &VarMap, seed: u64, std: Option<f64>) -> Result<()> {
         v.set(&value)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each row's mean token cross-entropy, by hand: row 0 has two answer
+    /// tokens, row 1 one; the mean over rows of one token each is candle's
+    /// cross-entropy.
+    #[test]
+    fn per_example_loss_averages_each_rows_tokens() {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(
+            &[[2.0f32, 0.0, -1.0], [0.5, 0.5, 0.0], [-1.0, 3.0, 1.0]],
+            &dev,
+        )
+        .unwrap();
+        let targets = Tensor::new(&[0u32, 2, 1], &dev).unwrap();
+        let got = per_example_loss(&logits, &targets, &[0, 0, 1], 2)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let nll = |row: [f32; 3], t: usize| {
+            let lse = row.iter().map(|x| x.exp()).sum::<f32>().ln();
+            lse - row[t]
+        };
+        let want = [
+            (nll([2.0, 0.0, -1.0], 0) + nll([0.5, 0.5, 0.0], 2)) / 2.0,
+            nll([-1.0, 3.0, 1.0], 1),
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+        let each = per_example_loss(&logits, &targets, &[0, 1, 2], 3).unwrap();
+        let ce = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+        let d = (each.mean_all().unwrap() - ce).unwrap().abs().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+    }
 }
