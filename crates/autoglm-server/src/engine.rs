@@ -288,6 +288,8 @@ impl Engine {
                 &Positions {
                     positions: Tensor::from_vec(pos, (b, width), dev)?,
                     key_mask: Some(Tensor::from_vec(mask, (b, width), dev)?),
+                    context: None,
+                    context_mask: None,
                 },
                 &mut cache,
             )?;
@@ -388,6 +390,8 @@ impl Engine {
             &Positions {
                 positions: Tensor::from_vec(pos, (b, 1), dev)?,
                 key_mask: Some(Tensor::from_vec(mask, (b, s), dev)?),
+                context: None,
+                context_mask: None,
             },
             &mut self.cache,
         )?;

@@ -142,6 +142,14 @@ impl Server {
     pub fn load(cfg: ServeConfig) -> Result<Self, autoglm::Error> {
         let dev = Device::Cpu;
         let assistant = Arc::new(Assistant::load(&cfg.model_dir, &dev)?);
+        // The engine batches prompts through the decoder alone; a decoder
+        // that reads the image through cross-attention would answer blind.
+        if assistant.model.lm.config.cross_attention_every.is_some() {
+            return Err(autoglm::Error::Invalid(format!(
+                "{}: this model's decoder reads images through cross-attention (text_config.cross_attention_every), which the server does not batch yet; use `autoglm ask` or `autoglm eval` with it",
+                cfg.model_dir.display()
+            )));
+        }
         let encoder = match &cfg.embedding_model {
             Some(dir) => Some(Arc::new(SentenceEncoder::load(dir, &dev)?)),
             None => None,

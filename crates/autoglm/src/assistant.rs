@@ -9,7 +9,7 @@ use image::RgbImage;
 use crate::config::ImageProcessorConfig;
 use crate::io::preprocess::Preprocess;
 use crate::text::chat::ChatTemplate;
-use crate::text::generate::{generate, Finish, GenerateConfig};
+use crate::text::generate::{generate_with_context, Finish, GenerateConfig};
 use crate::text::tokenizer::Tokenizer;
 use crate::vlm::Llava;
 use crate::{Error, Result};
@@ -187,7 +187,12 @@ impl Assistant {
         } else {
             Some(self.preprocess.batch(images, &self.device)?)
         };
-        let embeds = self.model.embed_prompt(&ids, pixels.as_ref())?;
+        let feats = pixels
+            .as_ref()
+            .map(|p| self.model.image_features(p))
+            .transpose()?;
+        let embeds = self.model.embed_prompt_features(&ids, feats.as_ref())?;
+        let context = self.model.decoder_context(feats.as_ref())?;
         let mut cfg = cfg.clone();
         // A routed model picks its depth, unless the caller fixed it.
         let mut route = None;
@@ -203,10 +208,11 @@ impl Assistant {
         let mut generated: Vec<u32> = Vec::new();
         let mut shown = String::new();
         let mut error = None;
-        let g = generate(
+        let g = generate_with_context(
             &self.model.lm,
             &embeds,
             &ids,
+            context.as_ref(),
             &cfg,
             Some(&decode),
             &mut |tok| {

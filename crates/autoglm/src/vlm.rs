@@ -340,6 +340,22 @@ impl Llava {
         Ok(Tensor::stack(&out, 0)?)
     }
 
+    /// What the decoder's cross-attention blocks attend to for one prompt:
+    /// all its images' projected tokens, or `None` when the decoder has no
+    /// such blocks or there is no image.
+    ///
+    /// # Shapes
+    /// `features`: (N, P, H_lm) → (1, N·P, H_lm)
+    pub fn decoder_context(&self, features: Option<&Tensor>) -> Result<Option<Tensor>> {
+        match features {
+            Some(f) if self.lm.config.cross_attention_every.is_some() => {
+                let (n, p, h) = f.dims3()?;
+                Ok(Some(f.reshape((1, n * p, h))?))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The router's input: the mean of each row's prompt embeddings.
     ///
     /// # Shapes
@@ -382,8 +398,10 @@ impl Llava {
         pixels: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let e = self.embed_prompt(ids, pixels)?;
-        let pos = Positions::contiguous(1, ids.len(), cache.len(), e.device())?;
+        let feats = pixels.map(|p| self.image_features(p)).transpose()?;
+        let e = self.embed_prompt_features(ids, feats.as_ref())?;
+        let pos = Positions::contiguous(1, ids.len(), cache.len(), e.device())?
+            .with_context(self.decoder_context(feats.as_ref())?, None);
         self.lm.logits(&self.lm.forward_embeds(&e, &pos, cache)?)
     }
 }

@@ -603,6 +603,14 @@ fn bad_training_configs_name_the_field() {
         "router_light_layers",
     );
     check(
+        serde_json::json!({"decoder_cross_attention_every": 0}),
+        "decoder_cross_attention_every",
+    );
+    check(
+        serde_json::json!({"decoder_cross_attention_every": 1, "blind": true}),
+        "decoder_cross_attention_every",
+    );
+    check(
         serde_json::json!({"router_cost_weight": -1.0}),
         "router_cost_weight",
     );
@@ -817,4 +825,132 @@ fn cnn_fusion_and_router_train_and_reload() {
     });
     assert_eq!(routed.tokens, one.tokens);
     assert_eq!(one.route, None, "a fixed depth is not a routing decision");
+}
+
+/// Gated cross-attention blocks inside the decoder: with their gates at 0
+/// the decoder is exactly the one without them; opened, the image context
+/// changes the states; greedy decoding passes the context at every step
+/// (its tokens are the argmax of a full forward over prompt + tokens).
+#[test]
+fn decoder_cross_attention_reads_the_image_context() {
+    use autoglm::text::generate::{generate_with_context, GenerateConfig};
+    use autoglm::text::llama::Positions;
+    let mut cfg = tiny();
+    cfg.text_config.cross_attention_every = Some(1);
+    let build = |cfg: &LlavaConfig, vm: &VarMap| {
+        Llava::new(VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu), cfg).unwrap()
+    };
+    let vm = VarMap::new();
+    let m = build(&cfg, &vm);
+    autoglm::train::vqa::init_weights(&vm, 5, None).unwrap();
+    let plain = build(&tiny(), &vm); // the same weights, no blocks
+    let ids: Vec<u32> = vec![1, 7, 9, 12, 30, 2];
+    let e = m.embed_prompt(&ids, None).unwrap();
+    let ctx = Tensor::randn(0f32, 1.0, (1, 5, 16), &Device::Cpu).unwrap();
+    let run = |m: &Llava, ctx: Option<&Tensor>| {
+        let pos = Positions::contiguous(1, ids.len(), 0, &Device::Cpu)
+            .unwrap()
+            .with_context(ctx.cloned(), None);
+        m.lm.forward_embeds(&e, &pos, &mut m.lm.new_cache())
+            .unwrap()
+    };
+    let base = run(&plain, None);
+    assert_eq!(common::max_abs_diff(&run(&m, Some(&ctx)), &base), 0.0);
+    {
+        let data = vm.data().lock().unwrap();
+        let mut gates = 0;
+        for (n, v) in data.iter() {
+            if n.ends_with("_gate") && n.contains("cross_attn") {
+                v.set(&Tensor::new(&[0.7f32], &Device::Cpu).unwrap())
+                    .unwrap();
+                gates += 1;
+            }
+        }
+        assert_eq!(gates, 4, "two blocks, two gates each");
+    }
+    let with = run(&m, Some(&ctx));
+    assert!(common::max_abs_diff(&with, &base) > 1e-3);
+    assert_eq!(
+        common::max_abs_diff(&run(&m, None), &base),
+        0.0,
+        "no image: no effect"
+    );
+    let ctx2 = (&ctx * -1.0).unwrap();
+    assert!(common::max_abs_diff(&run(&m, Some(&ctx2)), &with) > 1e-3);
+    let g = generate_with_context(
+        &m.lm,
+        &e.squeeze(0).unwrap(),
+        &ids,
+        Some(&ctx),
+        &GenerateConfig {
+            max_new_tokens: 5,
+            ..GenerateConfig::default()
+        },
+        None,
+        &mut |_| true,
+    )
+    .unwrap()
+    .tokens;
+    let mut all = ids.clone();
+    all.extend(&g[..g.len() - 1]);
+    let e_all = m.embed_prompt(&all, None).unwrap();
+    let pos = Positions::contiguous(1, all.len(), 0, &Device::Cpu)
+        .unwrap()
+        .with_context(Some(ctx.clone()), None);
+    let h =
+        m.lm.forward_embeds(&e_all, &pos, &mut m.lm.new_cache())
+            .unwrap();
+    let argmax =
+        m.lm.logits(&h)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .argmax(1)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+    assert_eq!(&argmax[ids.len() - 1..], &g[..]);
+}
+
+/// A VLM with cross-attention in its decoder trains (the gates open),
+/// records the choice, and answers through `evaluate`.
+#[test]
+fn decoder_cross_attention_trains_and_reloads() {
+    use autoglm::train::vqa::{evaluate, load_data, train_vqa, DataSource, VqaTrainConfig};
+    let cfg: VqaTrainConfig = serde_json::from_value(serde_json::json!({
+        "data": {"kind": "easy-vqa"}, "vision": "cnn", "max_train_examples": 32,
+        "image_size": 16, "vision_hidden": 8, "vision_layers": 2, "projector": "mlp",
+        "text_hidden": 32, "text_layers": 2, "text_heads": 2, "text_kv_heads": 1,
+        "vocab_size": 200, "steps": 6, "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1,
+        "clip_norm": 1.0, "seed": 4, "held_out_images": 0, "decoder_cross_attention_every": 2
+    }))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    train_vqa(&cfg, dir.path(), false, &mut |_| {}).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["text_config"]["cross_attention_every"], 2);
+    let w =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let gate = "language_model.model.layers.0.cross_attn.attn_gate";
+    assert!(
+        w[gate].to_vec1::<f32>().unwrap()[0] != 0.0,
+        "{gate} did not train"
+    );
+    assert!(
+        !w.contains_key("language_model.model.layers.1.cross_attn.attn_gate"),
+        "every 2nd layer only"
+    );
+    let test: Vec<_> = load_data(&DataSource::EasyVqa, "test")
+        .unwrap()
+        .into_iter()
+        .take(3)
+        .collect();
+    assert_eq!(
+        evaluate(dir.path(), &test, &Device::Cpu, Default::default())
+            .unwrap()
+            .examples,
+        3
+    );
 }

@@ -87,6 +87,23 @@ pub struct LlamaConfig {
     /// scoring keys (top-k sparse attention); absent = dense.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_top_k: Option<usize>,
+    /// Not in HF's config: a Flamingo-style gated cross-attention block
+    /// (`layers.{i}.cross_attn`, tanh gates starting at 0) before every
+    /// `k`-th decoder layer (0, k, 2k, …), attending to the image context
+    /// given with the positions; absent = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_attention_every: Option<usize>,
+    /// Heads of those blocks (default: the decoder's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_attention_heads: Option<usize>,
+}
+
+impl LlamaConfig {
+    /// Whether layer `i` has a cross-attention block before it.
+    pub fn has_cross_attention(&self, i: usize) -> bool {
+        self.cross_attention_every
+            .is_some_and(|k| k > 0 && i % k == 0)
+    }
 }
 
 fn d_vocab() -> usize {
@@ -143,6 +160,20 @@ impl LlamaConfig {
         }
         if self.mlp_bias {
             return Err(invalid(path, "mlp_bias = true is not supported".into()));
+        }
+        if let Some(k) = self.cross_attention_every {
+            let heads = self
+                .cross_attention_heads
+                .unwrap_or(self.num_attention_heads);
+            if k == 0 || heads == 0 || self.hidden_size % heads != 0 {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "text_config.cross_attention_every {k} must be at least 1, and cross_attention_heads {heads} must divide hidden_size {}",
+                        self.hidden_size
+                    ),
+                ));
+            }
         }
         if self.use_sliding_window {
             return Err(invalid(

@@ -290,7 +290,29 @@ pub fn generate_batch(
     decode: Option<Decode>,
     on_token: &mut dyn FnMut(usize, u32) -> bool,
 ) -> Result<Vec<Generated>> {
+    generate_batch_with_context(lm, prompts, prompt_ids, None, cfg, decode, on_token)
+}
+
+/// As [`generate_batch`], with the image context (B, P, H) that a decoder
+/// with cross-attention blocks attends to at every step.
+pub fn generate_batch_with_context(
+    lm: &Llama,
+    prompts: &[Tensor],
+    prompt_ids: &[Vec<u32>],
+    context: Option<&Tensor>,
+    cfg: &GenerateConfig,
+    decode: Option<Decode>,
+    on_token: &mut dyn FnMut(usize, u32) -> bool,
+) -> Result<Vec<Generated>> {
     let b = prompts.len();
+    if let Some(c) = context {
+        if c.dim(0)? != b {
+            return Err(Error::Invalid(format!(
+                "generate: {} image contexts for {b} prompts",
+                c.dim(0)?
+            )));
+        }
+    }
     if b == 0 || prompt_ids.len() != b {
         return Err(Error::Invalid(
             "generate: need one id list per prompt".into(),
@@ -350,6 +372,8 @@ pub fn generate_batch(
             &Positions {
                 positions,
                 key_mask: Some(key_mask.clone()),
+                context: context.cloned(),
+                context_mask: None,
             },
             &mut cache,
             &depth,
@@ -424,6 +448,8 @@ pub fn generate_batch(
                 &Positions {
                     positions: Tensor::from_vec(step_pos, (b, 1), &dev)?,
                     key_mask: Some(key_mask.clone()),
+                    context: context.cloned(),
+                    context_mask: None,
                 },
                 &mut cache,
                 &depth,
@@ -443,10 +469,25 @@ pub fn generate(
     decode: Option<Decode>,
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<Generated> {
-    let mut g = generate_batch(
+    generate_with_context(lm, prompt, prompt_ids, None, cfg, decode, on_token)
+}
+
+/// As [`generate`], with the image context (1, P, H) of a decoder with
+/// cross-attention blocks.
+pub fn generate_with_context(
+    lm: &Llama,
+    prompt: &Tensor,
+    prompt_ids: &[u32],
+    context: Option<&Tensor>,
+    cfg: &GenerateConfig,
+    decode: Option<Decode>,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<Generated> {
+    let mut g = generate_batch_with_context(
         lm,
         std::slice::from_ref(prompt),
         &[prompt_ids.to_vec()],
+        context,
         cfg,
         decode,
         &mut |_, t| on_token(t),

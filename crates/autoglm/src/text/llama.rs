@@ -15,6 +15,7 @@ use candle_nn::{embedding, Embedding, Module, VarBuilder};
 use crate::nn::{rms_norm, RmsNorm};
 
 use crate::config::LlamaConfig;
+use crate::fusion::attention::GatedCrossAttention;
 use crate::io::weights::Safetensors;
 use crate::nn::{linear_b, Linear};
 use crate::text::kv_cache::KvCache;
@@ -144,6 +145,8 @@ impl Mlp {
 }
 
 struct Layer {
+    /// Gated cross-attention to the image context, before the layer.
+    cross: Option<GatedCrossAttention>,
     attn_norm: RmsNorm,
     attn: Attention,
     mlp_norm: RmsNorm,
@@ -156,6 +159,11 @@ pub struct Positions {
     pub positions: Tensor,
     /// (B, S) f32 with S = cached + T: 1 where a key is real, 0 at padding.
     pub key_mask: Option<Tensor>,
+    /// (B, P, H) what the decoder's cross-attention blocks attend to (the
+    /// projected image tokens), the same at every step; and its (B, P)
+    /// key mask. Ignored by a decoder without such blocks.
+    pub context: Option<Tensor>,
+    pub context_mask: Option<Tensor>,
 }
 
 impl Positions {
@@ -165,7 +173,16 @@ impl Positions {
         Ok(Self {
             positions: row.unsqueeze(0)?.repeat((b, 1))?,
             key_mask: None,
+            context: None,
+            context_mask: None,
         })
+    }
+
+    /// The same positions with an image context for cross-attention.
+    pub fn with_context(mut self, context: Option<Tensor>, mask: Option<Tensor>) -> Self {
+        self.context = context;
+        self.context_mask = mask;
+        self
     }
 }
 
@@ -188,7 +205,20 @@ impl Llama {
             .map(|i| {
                 let vb = model.pp("layers").pp(i);
                 let m = vb.pp("mlp");
+                let cross = cfg
+                    .has_cross_attention(i)
+                    .then(|| {
+                        GatedCrossAttention::new(
+                            vb.pp("cross_attn"),
+                            h,
+                            h,
+                            cfg.cross_attention_heads.unwrap_or(cfg.num_attention_heads),
+                            None,
+                        )
+                    })
+                    .transpose()?;
                 Ok(Layer {
+                    cross,
                     attn_norm: rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
                     attn: Attention::new(vb.pp("self_attn"), cfg)?,
                     mlp_norm: rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
@@ -304,6 +334,10 @@ impl Llama {
         let mut x = embeds.clone();
         let mut out = Vec::with_capacity(exits.len());
         for (i, layer) in self.layers[..exits[exits.len() - 1]].iter().enumerate() {
+            // No image context (a text-only prompt): nothing to attend to.
+            if let (Some(cross), Some(ctx)) = (&layer.cross, &pos.context) {
+                x = cross.forward(&x, ctx, pos.context_mask.as_ref())?;
+            }
             let h =
                 layer
                     .attn

@@ -161,6 +161,11 @@ pub struct VqaTrainConfig {
     /// fraction of the decoder they are.
     #[serde(default = "router_cost")]
     pub router_cost_weight: f64,
+    /// A gated cross-attention block (Flamingo's, tanh gates at 0) before
+    /// every `k`-th decoder layer, attending to the projected image tokens,
+    /// in addition to the prefix tokens. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_cross_attention_every: Option<usize>,
 }
 
 fn router_cost() -> f64 {
@@ -247,6 +252,23 @@ impl VqaTrainConfig {
                 "router_cost_weight",
                 format!("{} must be a finite λ ≥ 0", self.router_cost_weight),
             );
+        }
+        if let Some(k) = self.decoder_cross_attention_every {
+            if k == 0 || k > self.text_layers {
+                return bad(
+                    "decoder_cross_attention_every",
+                    format!(
+                        "{k}: use 1 to text_layers {} (a block before every k-th layer)",
+                        self.text_layers
+                    ),
+                );
+            }
+            if self.blind {
+                return bad(
+                    "decoder_cross_attention_every",
+                    "a blind model has no image to attend to; drop one of the two".into(),
+                );
+            }
         }
         if self.attention_top_k == Some(0) {
             return bad(
@@ -500,6 +522,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
     }
     if let Some(l) = c.router_light_layers {
         cfg["router_light_layers"] = l.into();
+    }
+    if let Some(k) = c.decoder_cross_attention_every {
+        cfg["text_config"]["cross_attention_every"] = k.into();
     }
     if let Some(k) = c.attention_top_k {
         cfg["text_config"]["attention_top_k"] = k.into();
@@ -957,12 +982,14 @@ fn answer_hidden(
     }
     let dev = model.lm.embed_tokens_device().clone();
     let prompt_lens: Vec<usize> = rows.iter().map(|r| r.prompt.len()).collect();
-    let e = match images {
-        Images::Pixels(p) => model.embed_batch(&ids, &prompt_lens, &model.image_features(p)?)?,
-        Images::VisionFeatures(f) => {
-            model.embed_batch(&ids, &prompt_lens, &model.projector.forward(f)?)?
-        }
-        Images::None => {
+    let feats = match images {
+        Images::Pixels(p) => Some(model.image_features(p)?),
+        Images::VisionFeatures(f) => Some(model.projector.forward(f)?),
+        Images::None => None,
+    };
+    let e = match &feats {
+        Some(f) => model.embed_batch(&ids, &prompt_lens, f)?,
+        None => {
             let flat: Vec<u32> = ids
                 .iter()
                 .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, t - r.len())))
@@ -972,7 +999,9 @@ fn answer_hidden(
                 .embed(&Tensor::from_vec(flat, (rows.len(), t), &dev)?)?
         }
     };
-    let pos = Positions::contiguous(rows.len(), t, 0, &dev)?;
+    // Each row's image is its decoder context (one image per row).
+    let context = feats.filter(|_| model.lm.config.cross_attention_every.is_some());
+    let pos = Positions::contiguous(rows.len(), t, 0, &dev)?.with_context(context, None);
     let at = Tensor::new(at.as_slice(), &dev)?;
     let hidden = model
         .lm
