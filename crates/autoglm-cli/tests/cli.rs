@@ -481,3 +481,56 @@ fn sort_of_clevr_is_written_readable_and_repeatable() {
     ]);
     assert!(e.contains("nothing to write"), "{e}");
 }
+
+/// A model with a router and cross-attention in its decoder, trained from
+/// the command line: `eval` reports the routes (none with `--router-off`),
+/// latency and throughput; `serve` refuses it with the reason.
+#[test]
+fn routed_cross_attention_model_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({
+            "data": {"kind": "easy-vqa"}, "vision": "cnn", "max_train_examples": 16,
+            "image_size": 16, "vision_hidden": 8, "vision_layers": 2, "feature_fusion": "add",
+            "projector": "mlp", "text_hidden": 32, "text_layers": 2, "text_heads": 2,
+            "text_kv_heads": 1, "vocab_size": 200, "steps": 3, "batch_size": 4,
+            "peak_lr": 3e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 5,
+            "held_out_images": 0, "router_light_layers": 1,
+            "decoder_cross_attention_every": 1
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let m = dir.path().join("m").display().to_string();
+    let c = cfg.display().to_string();
+    json_ok(&["--json", "train", "--config", &c, "--out", &m]);
+    let r = json_ok(&["--json", "eval", "--model", &m, "--limit", "4"]);
+    assert_eq!(r["examples"], 4);
+    let routes = r["routes"]["light"].as_u64().unwrap() + r["routes"]["full"].as_u64().unwrap();
+    assert_eq!(routes, 4);
+    assert!(r["latency_ms"]["p95"].as_f64().unwrap() > 0.0);
+    assert!(r["throughput"].as_f64().unwrap() > 0.0);
+    let off = json_ok(&[
+        "--json",
+        "eval",
+        "--model",
+        &m,
+        "--limit",
+        "4",
+        "--router-off",
+    ]);
+    assert!(off.get("routes").is_none(), "{off}");
+    let out = Command::new(env!("CARGO_BIN_EXE_autoglm"))
+        .args(["serve", "--model", &m, "--port", "0"])
+        .env("AUTOGLM_API_KEYS", "a-long-enough-key")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("cross-attention") && e.contains("autoglm ask") && !e.contains("panicked"),
+        "{e}"
+    );
+}
