@@ -215,14 +215,19 @@ fn run(g: &Global, a: &GenArgs, images: &[PathBuf], question: &str) -> Result<()
                 "answer": answer.text,
                 "tokens": answer.tokens,
                 "finish_reason": answer.finish,
+                "route": answer.route,
                 "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.tokens.len()},
                 "seconds": {"load": loaded.as_secs_f64(), "generate": secs},
             }))?
         );
     } else {
         println!();
+        let route = answer
+            .route
+            .map(|r| format!("; {r:?} path"))
+            .unwrap_or_default();
         eprintln!(
-            "[{} prompt + {} new tokens in {:.2} s; {:?}]",
+            "[{} prompt + {} new tokens in {:.2} s; {:?}{route}]",
             answer.prompt_tokens,
             answer.tokens.len(),
             secs,

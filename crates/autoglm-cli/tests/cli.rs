@@ -512,6 +512,16 @@ fn routed_cross_attention_model_from_the_cli() {
     assert_eq!(routes, 4);
     assert!(r["latency_ms"]["p95"].as_f64().unwrap() > 0.0);
     assert!(r["throughput"].as_f64().unwrap() > 0.0);
+    let a = json_ok(&[
+        "--json",
+        "ask",
+        "--model",
+        &m,
+        "--image",
+        &samples().join("0.png").display().to_string(),
+        "What color is the shape?",
+    ]);
+    assert!(matches!(a["route"].as_str(), Some("light" | "full")), "{a}");
     let off = json_ok(&[
         "--json",
         "eval",
