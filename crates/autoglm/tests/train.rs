@@ -927,6 +927,19 @@ fn decoder_cross_attention_trains_and_reloads() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     train_vqa(&cfg, dir.path(), false, &mut |_| {}).unwrap();
+    // Gates started open move from where they started; at a vanishing rate
+    // they stay there.
+    let mut open = cfg.clone();
+    open.gate_init = 1.0;
+    open.peak_lr = 1e-12;
+    let od = tempfile::tempdir().unwrap();
+    train_vqa(&open, od.path(), false, &mut |_| {}).unwrap();
+    let ow =
+        candle_core::safetensors::load(od.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let g = ow["language_model.model.layers.0.cross_attn.ff_gate"]
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    assert!((g - 1.0).abs() < 1e-6, "ff_gate {g}");
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
             .unwrap();

@@ -166,6 +166,16 @@ pub struct VqaTrainConfig {
     /// in addition to the prefix tokens. Absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decoder_cross_attention_every: Option<usize>,
+    /// Initial value of every tanh gate of the gated cross-attention
+    /// blocks (0: each block starts as the identity, as Flamingo keeps a
+    /// pretrained decoder intact). At 0 nothing but the gate itself gets a
+    /// gradient at first; a model trained from scratch may start them open.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gate_init: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 fn router_cost() -> f64 {
@@ -269,6 +279,9 @@ impl VqaTrainConfig {
                     "a blind model has no image to attend to; drop one of the two".into(),
                 );
             }
+        }
+        if !self.gate_init.is_finite() {
+            return bad("gate_init", format!("{} is not a number", self.gate_init));
         }
         if self.attention_top_k == Some(0) {
             return bad(
@@ -671,6 +684,9 @@ pub fn train_vqa(
     // trains them, and they are added to the saved model at the end.
     let (model, frozen_dir) = build_model(vb, &cfg, effnet, c.image_size)?;
     init_weights(&vm, c.seed, c.init_std)?;
+    if c.gate_init != 0.0 {
+        set_gates(&vm, c.gate_init)?;
+    }
     if let Some(src) = &c.init_from {
         let path = src.join("model.safetensors");
         let mut saved = candle_core::safetensors::load(&path, &Device::Cpu)?;
@@ -1083,6 +1099,23 @@ fn mix(seed: u64, step: u64, k: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Sets every tanh gate (a variable whose name ends in `_gate`) to `value`;
+/// returns how many there were.
+pub fn set_gates(vm: &VarMap, value: f64) -> Result<usize> {
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("variable map poisoned".into()))?;
+    let mut n = 0;
+    for (name, v) in data.iter() {
+        if name.ends_with("_gate") {
+            v.set(&(v.as_tensor().ones_like()? * value)?)?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Initialises every variable: biases 0, norm scales 1, everything else
