@@ -7,6 +7,7 @@
 mod ask;
 mod bench;
 mod bench_lm;
+mod bench_long;
 mod bench_serve;
 mod bench_train;
 mod commands;
@@ -128,6 +129,9 @@ enum BenchCommand {
     Serve(bench_serve::ServeBenchArgs),
     /// Knowledge-graph retrieval latency (2-, 3-, 4-step chains) over WordNet.
     Kg(kg_cmd::BenchArgs),
+    /// Time to read one long input (2,048 positions by default): a dense
+    /// decoder, the same with top-k sparse attention, and an LSTM.
+    LongInput(bench_long::LongArgs),
 }
 
 fn main() -> ExitCode {
@@ -207,6 +211,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Kg(a),
         } => kg_cmd::bench(g, a),
+        Command::Bench {
+            command: BenchCommand::LongInput(a),
+        } => bench_long::long_input(g, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

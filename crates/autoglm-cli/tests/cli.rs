@@ -544,3 +544,28 @@ fn routed_cross_attention_model_from_the_cli() {
         "{e}"
     );
 }
+
+/// `bench long-input` times the three readers of a long input and refuses
+/// sizes that describe no model.
+#[test]
+fn bench_long_input_reports_three_times() {
+    let r = json_ok(&[
+        "--json",
+        "bench",
+        "long-input",
+        "--tokens",
+        "64",
+        "--top-k",
+        "8",
+        "--hidden",
+        "32",
+        "--seconds",
+        "0.05",
+    ]);
+    assert_eq!(r["tokens"], 64);
+    for k in ["dense", "top_k", "lstm"] {
+        assert!(r["seconds"][k].as_f64().unwrap() > 0.0, "{k}: {r}");
+    }
+    let e = fails(&["bench", "long-input", "--hidden", "30"]);
+    assert!(e.contains("--hidden"), "{e}");
+}
