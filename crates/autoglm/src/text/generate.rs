@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::text::kv_cache::KvCache;
 use crate::text::llama::{Llama, Positions};
 use crate::{Error, Result};
 
@@ -366,19 +367,20 @@ pub fn generate_batch_with_context(
     let embeds = Tensor::stack(&rows, 0)?;
     let mut cache = lm.new_cache();
     let depth = [cfg.layers.unwrap_or(lm.depth())];
-    let hidden = lm
-        .forward_embeds_exits(
-            &embeds,
-            &Positions {
-                positions,
-                key_mask: Some(key_mask.clone()),
-                context: context.cloned(),
-                context_mask: None,
-            },
-            &mut cache,
-            &depth,
-        )?
-        .remove(0);
+    // One decoder call at the chosen depth, with the image context.
+    let run = |embeds: &Tensor, positions, key_mask: &Tensor, cache: &mut KvCache| {
+        let pos = Positions {
+            positions,
+            key_mask: Some(key_mask.clone()),
+            context: context.cloned(),
+            context_mask: None,
+        };
+        Ok::<_, Error>(
+            lm.forward_embeds_exits(embeds, &pos, cache, &depth)?
+                .remove(0),
+        )
+    };
+    let hidden = run(&embeds, positions, &key_mask, &mut cache)?;
     let mut last = hidden.narrow(1, t_max - 1, 1)?; // (B, 1, H)
 
     let mut samplers = (0..b)
@@ -442,19 +444,8 @@ pub fn generate_batch_with_context(
         let ids = Tensor::from_vec(next, (b, 1), &dev)?;
         let step_pos: Vec<u32> = (0..b).map(|r| (lens[r] + step) as u32).collect();
         key_mask = Tensor::cat(&[&key_mask, &Tensor::ones((b, 1), DType::F32, &dev)?], 1)?;
-        let hidden = lm
-            .forward_embeds_exits(
-                &lm.embed(&ids)?,
-                &Positions {
-                    positions: Tensor::from_vec(step_pos, (b, 1), &dev)?,
-                    key_mask: Some(key_mask.clone()),
-                    context: context.cloned(),
-                    context_mask: None,
-                },
-                &mut cache,
-                &depth,
-            )?
-            .remove(0);
+        let step_pos = Tensor::from_vec(step_pos, (b, 1), &dev)?;
+        let hidden = run(&lm.embed(&ids)?, step_pos, &key_mask, &mut cache)?;
         last = hidden;
     }
     Ok(out)
