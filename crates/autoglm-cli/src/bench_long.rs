@@ -1,7 +1,7 @@
 //! `autoglm bench long-input`: the time to read one long input (a prompt of
 //! `--tokens` positions, prefill) with a dense decoder, the same decoder
-//! with top-k sparse attention, and an LSTM of the same width. Random
-//! weights: this measures speed, not accuracy.
+//! with token top-k attention and with block top-k attention, and an LSTM
+//! of the same width. Random weights: this measures speed, not accuracy.
 
 use anyhow::{Context, Result};
 use autoglm::config::LlamaConfig;
@@ -20,9 +20,13 @@ pub struct LongArgs {
     /// Positions of the input.
     #[arg(long, default_value_t = 2048)]
     tokens: usize,
-    /// Keys each query keeps in the sparse decoder.
-    #[arg(long, default_value_t = 64)]
+    /// Keys each query keeps in the sparse decoders.
+    #[arg(long, default_value_t = 256)]
     top_k: usize,
+    /// Keys per block in the block top-k decoder (it keeps ⌈top-k / block⌉
+    /// blocks).
+    #[arg(long, default_value_t = 64)]
+    block: usize,
     /// Width of the decoder and the LSTM.
     #[arg(long, default_value_t = 128)]
     hidden: usize,
@@ -34,29 +38,36 @@ pub struct LongArgs {
     seconds: f64,
 }
 
-fn decoder(a: &LongArgs, top_k: Option<usize>, vm: &VarMap) -> Result<Llama> {
+fn decoder(a: &LongArgs, top_k: Option<usize>, block: Option<usize>, vm: &VarMap) -> Result<Llama> {
     let cfg: LlamaConfig = serde_json::from_value(json!({
         "vocab_size": 256, "hidden_size": a.hidden, "intermediate_size": 4 * a.hidden,
         "num_hidden_layers": a.layers, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": a.tokens, "tie_word_embeddings": true,
-        "attention_top_k": top_k
+        "attention_top_k": top_k, "attention_block_size": block
     }))?;
     let vb = VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu);
     Ok(Llama::new(vb.pp("model"), vb.pp("lm_head"), &cfg)?)
 }
 
 pub fn long_input(g: &Global, a: LongArgs) -> Result<()> {
-    if a.tokens == 0 || a.top_k == 0 || a.hidden == 0 || a.hidden % 4 != 0 || a.layers == 0 {
+    if a.tokens == 0
+        || a.top_k == 0
+        || a.block == 0
+        || a.hidden == 0
+        || a.hidden % 4 != 0
+        || a.layers == 0
+    {
         anyhow::bail!(
-            "--tokens, --top-k, --layers must be positive and --hidden a positive multiple of 4 (the decoder's heads)"
+            "--tokens, --top-k, --block, --layers must be positive and --hidden a positive multiple of 4 (the decoder's heads)"
         );
     }
     let threads = candle_core::utils::get_num_threads();
     let dev = Device::Cpu;
     // One VarMap: the sparse decoder has the dense one's weights.
     let vm = VarMap::new();
-    let dense = decoder(&a, None, &vm)?;
-    let sparse = decoder(&a, Some(a.top_k), &vm)?;
+    let dense = decoder(&a, None, None, &vm)?;
+    let sparse = decoder(&a, Some(a.top_k), None, &vm)?;
+    let blocks = decoder(&a, Some(a.top_k), Some(a.block), &vm)?;
     let lstm = Lstm::new(
         VarBuilder::from_varmap(&vm, DType::F32, &dev).pp("lstm"),
         a.hidden,
@@ -74,6 +85,7 @@ pub fn long_input(g: &Global, a: LongArgs) -> Result<()> {
     };
     let t_dense = prefill(&dense).context("dense decoder")?;
     let t_sparse = prefill(&sparse).context("top-k decoder")?;
+    let t_blocks = prefill(&blocks).context("block top-k decoder")?;
     let t_lstm = time_it(a.seconds, || {
         lstm.forward(&embeds, &[a.tokens])?;
         Ok(())
@@ -81,9 +93,10 @@ pub fn long_input(g: &Global, a: LongArgs) -> Result<()> {
     .context("LSTM")?;
     let report = json!({
         "tokens": a.tokens, "hidden": a.hidden, "layers": a.layers, "top_k": a.top_k,
-        "threads": threads,
-        "seconds": {"dense": t_dense, "top_k": t_sparse, "lstm": t_lstm},
+        "block": a.block, "threads": threads,
+        "seconds": {"dense": t_dense, "top_k": t_sparse, "block_top_k": t_blocks, "lstm": t_lstm},
         "top_k_over_dense": t_sparse / t_dense,
+        "block_top_k_over_dense": t_blocks / t_dense,
     });
     if g.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -98,6 +111,13 @@ pub fn long_input(g: &Global, a: LongArgs) -> Result<()> {
             a.top_k,
             t_sparse,
             t_sparse / t_dense
+        );
+        println!(
+            "  block top-{} decoder      {:.4}  ({:.2}× dense; blocks of {})",
+            a.top_k,
+            t_blocks,
+            t_blocks / t_dense,
+            a.block
         );
         println!("  LSTM (1 layer)            {:.4}", t_lstm);
     }

@@ -478,8 +478,9 @@ fn vqa_training_writes_a_usable_model() {
     );
 }
 
-/// A model with image→text attention trains (its gates, which start at 0,
-/// move), records the choice in its config and loads for `ask`/`eval`.
+/// A model with image→text attention and block top-k attention trains (the
+/// gates, which start at 0, move), records the choices in its config and
+/// loads for `ask`/`eval`.
 #[test]
 fn image_text_attention_trains_and_reloads() {
     use autoglm::train::vqa::{evaluate, load_data, train_vqa, DataSource, VqaTrainConfig};
@@ -489,7 +490,8 @@ fn image_text_attention_trains_and_reloads() {
         "vision_heads": 2, "projector": "mlp", "text_hidden": 32, "text_layers": 1,
         "text_heads": 2, "text_kv_heads": 1, "vocab_size": 200, "steps": 6,
         "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 2,
-        "held_out_images": 0, "image_text_attention_heads": 2, "attention_top_k": 4
+        "held_out_images": 0, "image_text_attention_heads": 2, "attention_top_k": 4,
+        "attention_block_size": 2
     }))
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -500,6 +502,8 @@ fn image_text_attention_trains_and_reloads() {
     assert_eq!(saved["image_text_attention_heads"], 2);
     assert_eq!(saved["text_config"]["attention_top_k"], 4);
     assert_eq!(saved["vision_config"]["attention_top_k"], 4);
+    assert_eq!(saved["text_config"]["attention_block_size"], 2);
+    assert_eq!(saved["vision_config"]["attention_block_size"], 2);
     let w =
         candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     for g in [
@@ -598,6 +602,14 @@ fn bad_training_configs_name_the_field() {
     check(serde_json::json!({"projector": "none"}), "projector");
     check(serde_json::json!({"steps": 0}), "steps");
     check(serde_json::json!({"attention_top_k": 0}), "attention_top_k");
+    check(
+        serde_json::json!({"attention_block_size": 64}),
+        "attention_block_size",
+    );
+    check(
+        serde_json::json!({"attention_top_k": 8, "attention_block_size": 0}),
+        "attention_block_size",
+    );
     check(
         serde_json::json!({"router_light_layers": 1}),
         "router_light_layers",

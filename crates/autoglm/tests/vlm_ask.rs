@@ -288,52 +288,14 @@ fn rope_scaling_in_both_spellings() {
 /// and the embeddings and answers change. k = 0 is refused at load.
 #[test]
 fn top_k_attention_in_both_towers() {
-    use autoglm::assistant::Overflow;
-    use autoglm::text::generate::generate;
-    let with_k = |k: usize| {
-        with_config("llava-tiny-llama", move |c| {
-            c.replace(
-                "\"text_config\": {",
-                &format!("\"text_config\": {{\"attention_top_k\": {k},"),
-            )
-            .replace(
-                "\"vision_config\": {",
-                &format!("\"vision_config\": {{\"attention_top_k\": {k},"),
-            )
-        })
-    };
-    let img = image::RgbImage::from_fn(40, 30, |x, y| {
-        image::Rgb([(x * 6) as u8, (y * 8) as u8, 99])
-    });
-    let run = |dir: &std::path::Path| {
-        let a = Assistant::load(dir, &Device::Cpu).unwrap();
-        let ids = a
-            .prompt_ids("What is in the picture?", 1, Overflow::Error, 8)
-            .unwrap();
-        let pixels = a
-            .preprocess
-            .batch(std::slice::from_ref(&img), &Device::Cpu)
-            .unwrap();
-        let e = a
-            .model
-            .embed_prompt(&ids, Some(&pixels))
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let cfg = GenerateConfig {
-            max_new_tokens: 8,
-            ..GenerateConfig::default()
-        };
-        let g = generate(&a.model.lm, &e, &ids, &cfg, None, &mut |_| true).unwrap();
-        (e, g.tokens)
-    };
-    let (dense_e, dense_t) = run(&fixtures().join("llava-tiny-llama"));
+    let with_k = |k: usize| with_keys(&format!("\"attention_top_k\": {k},"));
+    let (dense_e, dense_t) = embed_and_answer(&fixtures().join("llava-tiny-llama"));
     let big = with_k(100_000);
-    let (e, t) = run(big.path());
+    let (e, t) = embed_and_answer(big.path());
     assert_eq!(common::max_abs_diff(&e, &dense_e), 0.0);
     assert_eq!(t, dense_t);
     let one = with_k(1);
-    let (e, t) = run(one.path());
+    let (e, t) = embed_and_answer(one.path());
     assert!(
         common::max_abs_diff(&e, &dense_e) > 1e-3,
         "the vision tower ignored k"
@@ -345,6 +307,79 @@ fn top_k_attention_in_both_towers() {
         .unwrap()
         .to_string();
     assert!(e.contains("attention_top_k"), "{e}");
+}
+
+/// `attention_block_size` in both towers: keeping every block is the dense
+/// model (prefill, decode steps with the cache, the ViT); keeping one block
+/// of 4 changes the embeddings and the answer. A block size without a k is
+/// refused at load.
+#[test]
+fn block_top_k_attention_in_both_towers() {
+    let (dense_e, dense_t) = embed_and_answer(&fixtures().join("llava-tiny-llama"));
+    let all = with_keys("\"attention_top_k\": 100000, \"attention_block_size\": 4,");
+    let (e, t) = embed_and_answer(all.path());
+    assert!(common::max_abs_diff(&e, &dense_e) < 1e-5);
+    assert_eq!(t, dense_t);
+    let one = with_keys("\"attention_top_k\": 4, \"attention_block_size\": 4,");
+    let (e, t) = embed_and_answer(one.path());
+    assert!(
+        common::max_abs_diff(&e, &dense_e) > 1e-3,
+        "the vision tower ignored the blocks"
+    );
+    assert_ne!(t, dense_t, "the decoder ignored the blocks");
+    let alone = with_keys("\"attention_block_size\": 4,");
+    let e = Llava::load(alone.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("attention_block_size") && e.contains("attention_top_k"),
+        "{e}"
+    );
+}
+
+/// The tiny LLaVA fixture with `fields` added to both towers' configs.
+fn with_keys(fields: &str) -> tempfile::TempDir {
+    let fields = fields.to_string();
+    with_config("llava-tiny-llama", move |c| {
+        c.replace(
+            "\"text_config\": {",
+            &format!("\"text_config\": {{{fields}"),
+        )
+        .replace(
+            "\"vision_config\": {",
+            &format!("\"vision_config\": {{{fields}"),
+        )
+    })
+}
+
+/// The fixture's image tokens for one picture and question, and its
+/// greedy 8-token answer.
+fn embed_and_answer(dir: &std::path::Path) -> (Tensor, Vec<u32>) {
+    use autoglm::text::generate::generate;
+    let img = image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 99])
+    });
+    let a = Assistant::load(dir, &Device::Cpu).unwrap();
+    let ids = a
+        .prompt_ids("What is in the picture?", 1, Overflow::Error, 8)
+        .unwrap();
+    let pixels = a
+        .preprocess
+        .batch(std::slice::from_ref(&img), &Device::Cpu)
+        .unwrap();
+    let e = a
+        .model
+        .embed_prompt(&ids, Some(&pixels))
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let cfg = GenerateConfig {
+        max_new_tokens: 8,
+        ..GenerateConfig::default()
+    };
+    let g = generate(&a.model.lm, &e, &ids, &cfg, None, &mut |_| true).unwrap();
+    (e, g.tokens)
 }
 
 /// Image→text attention on the image tokens: a training batch (padded rows,

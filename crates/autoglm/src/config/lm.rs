@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{check_heads, invalid, ClipVisionConfig};
+use super::{check_block_size, check_heads, invalid, ClipVisionConfig};
 use crate::Result;
 
 /// `rope_scaling` / `rope_parameters`.
@@ -87,6 +87,11 @@ pub struct LlamaConfig {
     /// scoring keys (top-k sparse attention); absent = dense.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_top_k: Option<usize>,
+    /// Not in HF's config: with `attention_top_k`, keep the keys in whole
+    /// blocks of this many (block top-k: each block of queries attends to
+    /// its ⌈k / block⌉ best key blocks, and only those are computed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_block_size: Option<usize>,
     /// Not in HF's config: a Flamingo-style gated cross-attention block
     /// (`layers.{i}.cross_attn`, tanh gates starting at 0) before every
     /// `k`-th decoder layer (0, k, 2k, …), attending to the image context
@@ -158,6 +163,12 @@ impl LlamaConfig {
                     .into(),
             ));
         }
+        check_block_size(
+            path,
+            "text_config",
+            self.attention_top_k,
+            self.attention_block_size,
+        )?;
         if self.mlp_bias {
             return Err(invalid(path, "mlp_bias = true is not supported".into()));
         }

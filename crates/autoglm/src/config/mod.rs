@@ -39,6 +39,27 @@ impl Activation {
     }
 }
 
+/// `attention_block_size`: at least 1, and only beside `attention_top_k`
+/// (the keys kept, which it groups into blocks).
+pub(crate) fn check_block_size(
+    path: &Path,
+    tower: &str,
+    top_k: Option<usize>,
+    block: Option<usize>,
+) -> Result<()> {
+    match (top_k, block) {
+        (_, Some(0)) => Err(invalid(
+            path,
+            format!("{tower}.attention_block_size must be at least 1 (leave it out for token top-k)"),
+        )),
+        (None, Some(_)) => Err(invalid(
+            path,
+            format!("{tower}.attention_block_size needs {tower}.attention_top_k (the keys each query keeps, taken in blocks of this size)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn invalid(path: &Path, msg: String) -> Error {
     Error::Config {
         path: path.to_path_buf(),
@@ -186,6 +207,9 @@ pub struct ClipVisionConfig {
     /// Not in HF's config: top-k sparse attention in the encoder (each
     /// patch attends to its `k` highest-scoring patches); absent = dense.
     pub attention_top_k: Option<usize>,
+    /// Not in HF's config: with `attention_top_k`, keep the patches in
+    /// whole blocks of this many (block top-k sparse attention).
+    pub attention_block_size: Option<usize>,
     /// Not in HF's config, [`CONV_VISION`] only: how the last two stages
     /// combine (add, attention, gate); absent = the last stage alone.
     pub feature_fusion: Option<crate::fusion::gating::FusionKind>,
@@ -208,6 +232,7 @@ impl Default for ClipVisionConfig {
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
             attention_top_k: None,
+            attention_block_size: None,
             feature_fusion: None,
             fpn: false,
         }
@@ -286,6 +311,12 @@ impl ClipVisionConfig {
                     .into(),
             ));
         }
+        check_block_size(
+            path,
+            "vision_config",
+            self.attention_top_k,
+            self.attention_block_size,
+        )?;
         check_heads(
             path,
             "vision_config",

@@ -65,6 +65,61 @@ pub fn attend(
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 
+/// Which keys each query attends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySelection {
+    /// Every key.
+    Dense,
+    /// Its `k` highest-scoring keys ([`keep_top_k`]: every score is
+    /// computed, the rest masked).
+    TopK(usize),
+    /// The keys of its `keep` best blocks of `block` keys
+    /// ([`crate::fusion::block_sparse`]: only those are computed).
+    Blocks { block: usize, keep: usize },
+}
+
+impl KeySelection {
+    /// From a config's `attention_top_k` (keys kept) and
+    /// `attention_block_size` (kept in whole blocks: ⌈k / block⌉ of them).
+    /// Validated configs only: a block size needs a k.
+    pub fn from_config(top_k: Option<usize>, block: Option<usize>) -> Self {
+        match (top_k, block) {
+            (Some(k), Some(b)) => Self::Blocks {
+                block: b,
+                keep: k.div_ceil(b),
+            },
+            (Some(k), None) => Self::TopK(k),
+            _ => Self::Dense,
+        }
+    }
+}
+
+/// [`attend`] with the keys chosen by `keys`. `offset` is the key index
+/// of the first query (the cached length; 0 within one sequence), which
+/// block selection needs to line query blocks up with key blocks.
+pub fn attend_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    keys: KeySelection,
+    offset: usize,
+) -> Result<Tensor> {
+    match keys {
+        KeySelection::Dense => attend(q, k, v, bias, None),
+        KeySelection::TopK(n) => attend(q, k, v, bias, Some(n)),
+        KeySelection::Blocks { block, keep } => crate::fusion::block_sparse::block_top_k_attend(
+            q,
+            k,
+            &v.contiguous()?,
+            bias,
+            block,
+            keep,
+            offset,
+        ),
+    }
+}
+
 /// An additive attention bias from a key mask: 0 where `mask` is 1, −∞
 /// where it is 0.
 ///

@@ -1,6 +1,7 @@
 //! Fusion of vision features into the language model.
 
 pub mod attention;
+pub mod block_sparse;
 pub mod fpn;
 pub mod gating;
 pub mod projector;

@@ -38,7 +38,7 @@ impl ClipText {
                     layers: cfg.num_hidden_layers,
                     eps: cfg.layer_norm_eps,
                     act: cfg.hidden_act,
-                    top_k: None,
+                    keys: crate::fusion::attention::KeySelection::Dense,
                 },
             )?,
             final_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?,

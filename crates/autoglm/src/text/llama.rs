@@ -15,7 +15,7 @@ use candle_nn::{embedding, Embedding, Module, VarBuilder};
 use crate::nn::{rms_norm, RmsNorm};
 
 use crate::config::LlamaConfig;
-use crate::fusion::attention::GatedCrossAttention;
+use crate::fusion::attention::{attend_with, GatedCrossAttention, KeySelection};
 use crate::io::weights::Safetensors;
 use crate::nn::{linear_b, Linear};
 use crate::text::kv_cache::KvCache;
@@ -60,7 +60,7 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    top_k: Option<usize>,
+    keys: KeySelection,
 }
 
 impl Attention {
@@ -74,7 +74,7 @@ impl Attention {
             v: linear_b(h, nkv * hd, bias, vb.pp("v_proj"))?,
             o: linear_b(nh * hd, h, cfg.attention_bias, vb.pp("o_proj"))?,
             heads: nh,
-            top_k: cfg.attention_top_k,
+            keys: KeySelection::from_config(cfg.attention_top_k, cfg.attention_block_size),
             kv_heads: nkv,
             head_dim: hd,
         })
@@ -115,18 +115,11 @@ impl Attention {
                 .reshape((b, self.heads, s, hd))?)
         };
         let (k, v) = (expand(&k)?, expand(&v)?);
-        let mut scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.broadcast_add(bias)?; // (B, nh, T, S)
-        if let Some(k) = self.top_k {
-            // Masked keys (−∞) sort last, so they are never among the top k
-            // while k finite scores remain.
-            scores = crate::fusion::attention::keep_top_k(&scores, k)?;
-        }
-        let probs = crate::ops::softmax_last_dim(&scores)?;
-        let ctx =
-            probs
-                .matmul(&v.contiguous()?)?
-                .transpose(1, 2)?
-                .reshape((b, t, self.heads * hd))?;
+        // Masked keys (−1e9) sort last, so top-k never picks them while k
+        // visible keys remain.
+        let ctx = attend_with(&q, &k, &v, Some(bias), self.keys, s - t)? // (B, nh, T, hd)
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * hd))?;
         self.o.forward(&ctx)
     }
 }

@@ -141,6 +141,11 @@ pub struct VqaTrainConfig {
     /// the model's `config.json` (`attention_top_k` of each tower).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_top_k: Option<usize>,
+    /// With `attention_top_k`: keep the keys in whole blocks of this many
+    /// (block top-k; only the kept blocks are computed). Recorded as
+    /// `attention_block_size` of each tower.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_block_size: Option<usize>,
     /// `cnn` only: how its last two stages combine into the image tokens
     /// (`add`, `attention`, `gate`); absent: the last stage alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -288,6 +293,20 @@ impl VqaTrainConfig {
                 "attention_top_k",
                 "must be at least 1 (leave it out for dense attention)".into(),
             );
+        }
+        match (self.attention_top_k, self.attention_block_size) {
+            (_, Some(0)) => {
+                return bad(
+                    "attention_block_size",
+                    "must be at least 1 (leave it out for token top-k)".into(),
+                )
+            }
+            (None, Some(_)) => return bad(
+                "attention_block_size",
+                "needs attention_top_k (the keys each query keeps, taken in blocks of this size)"
+                    .into(),
+            ),
+            _ => {}
         }
         if self.workers == 0 || self.batch_size % self.workers != 0 {
             return bad(
@@ -543,6 +562,12 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
         cfg["text_config"]["attention_top_k"] = k.into();
         if c.vision == "vit" {
             cfg["vision_config"]["attention_top_k"] = k.into();
+        }
+    }
+    if let Some(b) = c.attention_block_size {
+        cfg["text_config"]["attention_block_size"] = b.into();
+        if c.vision == "vit" {
+            cfg["vision_config"]["attention_block_size"] = b.into();
         }
     }
     cfg

@@ -11,6 +11,7 @@ use candle_nn::{Module, VarBuilder};
 use crate::nn::{layer_norm, LayerNorm};
 
 use crate::config::{Activation, ClipVisionConfig};
+use crate::fusion::attention::{attend_with, KeySelection};
 use crate::nn::{linear, Linear};
 use crate::ops::Act;
 use crate::{Error, Result};
@@ -22,18 +23,18 @@ struct SelfAttention {
     v: Linear,
     out: Linear,
     heads: usize,
-    top_k: Option<usize>,
+    keys: KeySelection,
 }
 
 impl SelfAttention {
-    fn new(vb: VarBuilder, hidden: usize, heads: usize, top_k: Option<usize>) -> Result<Self> {
+    fn new(vb: VarBuilder, hidden: usize, heads: usize, keys: KeySelection) -> Result<Self> {
         Ok(Self {
             q: linear(hidden, hidden, vb.pp("q_proj"))?,
             k: linear(hidden, hidden, vb.pp("k_proj"))?,
             v: linear(hidden, hidden, vb.pp("v_proj"))?,
             out: linear(hidden, hidden, vb.pp("out_proj"))?,
             heads,
-            top_k,
+            keys,
         })
     }
 
@@ -47,18 +48,12 @@ impl SelfAttention {
                 .transpose(1, 2)?
                 .contiguous()?) // (B, nh, T, hd)
         };
-        let q = split((self.q.forward(x)? * (hd as f64).powf(-0.5))?)?;
+        let q = split(self.q.forward(x)?)?;
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
-        let mut scores = q.matmul(&k.t()?)?; // (B, nh, T, T)
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        if let Some(k) = self.top_k {
-            scores = crate::fusion::attention::keep_top_k(&scores, k)?;
-        }
-        let probs = crate::ops::softmax_last_dim(&scores)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let ctx = attend_with(&q, &k, &v, bias, self.keys, 0)? // (B, nh, T, hd)
+            .transpose(1, 2)?
+            .reshape((b, t, h))?;
         self.out.forward(&ctx)
     }
 }
@@ -77,7 +72,7 @@ impl EncoderLayer {
     fn new(vb: VarBuilder, s: &EncoderSpec) -> Result<Self> {
         Ok(Self {
             ln1: layer_norm(s.hidden, s.eps, vb.pp("layer_norm1"))?,
-            attn: SelfAttention::new(vb.pp("self_attn"), s.hidden, s.heads, s.top_k)?,
+            attn: SelfAttention::new(vb.pp("self_attn"), s.hidden, s.heads, s.keys)?,
             ln2: layer_norm(s.hidden, s.eps, vb.pp("layer_norm2"))?,
             fc1: linear(s.hidden, s.intermediate, vb.pp("mlp").pp("fc1"))?,
             fc2: linear(s.intermediate, s.hidden, vb.pp("mlp").pp("fc2"))?,
@@ -105,8 +100,8 @@ pub struct EncoderSpec {
     pub layers: usize,
     pub eps: f64,
     pub act: Activation,
-    /// Top-k sparse attention; `None` = dense.
-    pub top_k: Option<usize>,
+    /// Which keys each patch attends to.
+    pub keys: KeySelection,
 }
 
 /// HF `CLIPEncoder`: a stack of pre-LN layers under `layers.{i}`.
@@ -186,7 +181,7 @@ impl ClipVision {
                     layers: cfg.num_hidden_layers,
                     eps: cfg.layer_norm_eps,
                     act: cfg.hidden_act,
-                    top_k: cfg.attention_top_k,
+                    keys: KeySelection::from_config(cfg.attention_top_k, cfg.attention_block_size),
                 },
             )?,
             post_norm: layer_norm(h, cfg.layer_norm_eps, vb.pp("post_layernorm"))?,
