@@ -105,21 +105,31 @@ pub fn long_input(g: &Global, a: LongArgs) -> Result<()> {
             "{} tokens, width {}, {} threads (median seconds per input):",
             a.tokens, a.hidden, threads
         );
-        println!("  dense decoder ({} layers)  {:.4}", a.layers, t_dense);
-        println!(
-            "  top-{} decoder            {:.4}  ({:.2}× dense)",
-            a.top_k,
-            t_sparse,
-            t_sparse / t_dense
-        );
-        println!(
-            "  block top-{} decoder      {:.4}  ({:.2}× dense; blocks of {})",
-            a.top_k,
-            t_blocks,
-            t_blocks / t_dense,
-            a.block
-        );
-        println!("  LSTM (1 layer)            {:.4}", t_lstm);
+        let rows = [
+            (
+                format!("dense decoder ({} layers)", a.layers),
+                t_dense,
+                String::new(),
+            ),
+            (
+                format!("top-{} decoder", a.top_k),
+                t_sparse,
+                format!("  ({:.2}× dense)", t_sparse / t_dense),
+            ),
+            (
+                format!("block top-{} decoder", a.top_k),
+                t_blocks,
+                format!(
+                    "  ({:.2}× dense; blocks of {})",
+                    t_blocks / t_dense,
+                    a.block
+                ),
+            ),
+            ("LSTM (1 layer)".to_string(), t_lstm, String::new()),
+        ];
+        for (name, secs, note) in rows {
+            println!("  {name:<26}{secs:.4}{note}");
+        }
     }
     Ok(())
 }
