@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use autoglm::train::baseline::{
+    evaluate_baseline, is_baseline, train_baseline, BaselineTrainConfig,
+};
 use autoglm::train::eval::EvalOptions;
+use autoglm::train::Metrics;
 use autoglm::train::vqa::{evaluate, load_data, train_vqa, DataSource, VqaTrainConfig};
 use clap::Args;
 use serde_json::json;
@@ -26,21 +30,44 @@ pub struct TrainArgs {
 pub fn train(g: &Global, a: TrainArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.config)
         .with_context(|| format!("reading {}", a.config.display()))?;
-    let cfg: VqaTrainConfig = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a valid training config", a.config.display()))?;
-    let json = g.json;
-    let bar = progress_bar(cfg.steps as u64, json);
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", a.config.display()))?;
+    let invalid = || format!("{}: not a valid training config", a.config.display());
+    let (steps, batch_size) = if value.get("model").is_some() {
+        // `"model": "cnn-lstm"`: the CNN + LSTM baseline (no decoder).
+        let cfg: BaselineTrainConfig = serde_json::from_value(value).with_context(invalid)?;
+        let mut log = progress(cfg.steps, cfg.batch_size, g.json);
+        train_baseline(&cfg, &a.out, a.resume, &mut log)?;
+        (cfg.steps, cfg.batch_size)
+    } else {
+        let cfg: VqaTrainConfig = serde_json::from_value(value).with_context(invalid)?;
+        let mut log = progress(cfg.steps, cfg.batch_size, g.json);
+        train_vqa(&cfg, &a.out, a.resume, &mut log)?;
+        (cfg.steps, cfg.batch_size)
+    };
+    if g.json {
+        println!("{}", json!({"model": a.out, "steps": steps, "batch_size": batch_size}));
+    } else {
+        println!("model written to {}", a.out.display());
+    }
+    Ok(())
+}
+
+/// Reports each training step: a progress bar on a terminal, a log line
+/// now and then without one, nothing with `--json`.
+fn progress(steps: usize, batch_size: usize, json: bool) -> impl FnMut(&Metrics) {
+    let bar = progress_bar(steps as u64, json);
     // Without a terminal the bar draws nothing: log a line now and then.
     let log_every = if bar.is_hidden() && !json {
-        (cfg.steps / 100).max(1)
+        (steps / 100).max(1)
     } else {
         usize::MAX
     };
     let mut first: Option<(usize, f64)> = None;
-    train_vqa(&cfg, &a.out, a.resume, &mut |m| {
+    move |m: &Metrics| {
         // Throughput since the first step this process ran (resume-aware).
         let (s0, t0) = *first.get_or_insert((m.step - 1, 0.0));
-        let rate = ((m.step - s0) * cfg.batch_size) as f64 / (m.seconds - t0).max(1e-9);
+        let rate = ((m.step - s0) * batch_size) as f64 / (m.seconds - t0).max(1e-9);
         let eval = m
             .eval
             .as_ref()
@@ -55,17 +82,13 @@ pub fn train(g: &Global, a: TrainArgs) -> Result<()> {
         if m.step % log_every == 0 || (!eval.is_empty() && bar.is_hidden() && !json) {
             eprintln!(
                 "step {:>6}/{}  loss {:.4}  lr {:.2e}  |g| {:.3}  {rate:.0} samples/s  {:.0} s{eval}",
-                m.step, cfg.steps, m.loss, m.lr, m.grad_norm, m.seconds
+                m.step, steps, m.loss, m.lr, m.grad_norm, m.seconds
             );
         }
-    })?;
-    bar.finish_and_clear();
-    if json {
-        println!("{}", json!({"model": a.out, "steps": cfg.steps}));
-    } else {
-        println!("model written to {}", a.out.display());
+        if m.step == steps {
+            bar.finish_and_clear();
+        }
     }
-    Ok(())
 }
 
 fn progress_bar(steps: u64, json: bool) -> indicatif::ProgressBar {
@@ -131,7 +154,17 @@ pub fn eval(g: &Global, a: EvalArgs) -> Result<()> {
         answers: a.kg_answers.then_some(&kg_answers as _),
         router_off: a.router_off,
     };
-    let r = evaluate(&model, &ex, &dev, opts)?;
+    let r = if is_baseline(&model) {
+        if a.kg_answers || a.router_off {
+            anyhow::bail!(
+                "{} is the CNN + LSTM baseline: it picks from its training answers and has no router; drop --kg-answers and --router-off",
+                model.display()
+            );
+        }
+        evaluate_baseline(&model, &ex, &dev)?
+    } else {
+        evaluate(&model, &ex, &dev, opts)?
+    };
     let plotted = a.confusion.as_ref().map(|p| (p, r.confusion.plot(p)));
     if let Some((_, Err(e))) = &plotted {
         eprintln!("warning: no confusion matrix: {e}");

@@ -979,3 +979,91 @@ fn decoder_cross_attention_trains_and_reloads() {
         3
     );
 }
+
+/// The CNN + LSTM baseline learns a task that needs both the image and the
+/// question (the colour of the picture; whether it is red; whether it is
+/// blue), saves a model that `evaluate_baseline` reloads and gets right,
+/// and refuses configs that cannot train, naming the field.
+#[test]
+fn cnn_lstm_baseline_learns_image_and_question() {
+    use autoglm::train::baseline::{
+        evaluate_baseline, is_baseline, train_baseline, BaselineTrainConfig,
+    };
+    use autoglm::train::vqa::{load_data, DataSource};
+    let data = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut lines = Vec::new();
+    for i in 0..8 {
+        let red = i % 2 == 0;
+        let img = image::RgbImage::from_fn(16, 16, |_, _| {
+            let n = rng.random_range(0..40u8);
+            if red {
+                image::Rgb([200 + n, n, n])
+            } else {
+                image::Rgb([n, n, 200 + n])
+            }
+        });
+        let path = data.path().join(format!("{i}.png"));
+        img.save(&path).unwrap();
+        let colour = if red { "red" } else { "blue" };
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        for (q, a) in [
+            ("What color is the picture?", colour),
+            ("Is the picture red?", yes(red)),
+            ("Is the picture blue?", yes(!red)),
+        ] {
+            lines.push(
+                serde_json::json!({"image": path, "question": q, "answer": a}).to_string(),
+            );
+        }
+    }
+    let file = data.path().join("qa.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let base = serde_json::json!({
+        "model": "cnn-lstm", "data": {"kind": "jsonl", "train": file, "test": file},
+        "image_size": 16, "vision_hidden": 8, "vision_layers": 2, "word_dim": 16,
+        "lstm_hidden": 16, "mlp_hidden": 32, "steps": 400, "batch_size": 8,
+        "peak_lr": 3e-3, "warmup_steps": 5, "clip_norm": 1.0, "seed": 1
+    });
+    let cfg: BaselineTrainConfig = serde_json::from_value(base.clone()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut losses = Vec::new();
+    train_baseline(&cfg, out.path(), false, &mut |m| losses.push(m.loss)).unwrap();
+    assert!(
+        losses[losses.len() - 1] < 0.1 * losses[0],
+        "the loss did not fall: {:?} → {:?}",
+        losses[0],
+        losses[losses.len() - 1]
+    );
+    assert!(is_baseline(out.path()));
+    let ex = load_data(
+        &DataSource::Jsonl {
+            train: file.clone(),
+            test: file.clone(),
+        },
+        "test",
+    )
+    .unwrap();
+    let r = evaluate_baseline(out.path(), &ex, &Device::Cpu).unwrap();
+    assert_eq!(r.examples, 24);
+    assert_eq!(r.accuracy, 1.0, "{:?}", r.per_type);
+
+    let check = |patch: serde_json::Value, field: &str| {
+        let mut v = base.clone();
+        for (k, x) in patch.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let e = match serde_json::from_value::<BaselineTrainConfig>(v) {
+            Ok(c) => train_baseline(&c, out.path(), false, &mut |_| {})
+                .unwrap_err()
+                .to_string(),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(field), "{field}: {e}");
+    };
+    check(serde_json::json!({"model": "cnn-gru"}), "model");
+    check(serde_json::json!({"vision_layers": 9}), "vision_layers");
+    check(serde_json::json!({"image_size": 18}), "image_size");
+    check(serde_json::json!({"lstm_hidden": 0}), "lstm_hidden");
+    check(serde_json::json!({"lstm_layers": 2}), "lstm_layers");
+}

@@ -12,7 +12,10 @@ use crate::{Error, Result};
 pub struct Lstm {
     w_ih: Tensor,
     w_hh: Tensor,
-    bias: Tensor,
+    /// Added at each forward, not once here: a variable set or trained
+    /// after construction must change the model.
+    b_ih: Tensor,
+    b_hh: Tensor,
     hidden: usize,
 }
 
@@ -33,7 +36,8 @@ impl Lstm {
         Ok(Self {
             w_ih,
             w_hh,
-            bias: (b_ih + b_hh)?,
+            b_ih,
+            b_hh,
             hidden,
         })
     }
@@ -61,7 +65,7 @@ impl Lstm {
         let xi = x
             .reshape((b * t, x.dim(2)?))?
             .matmul(&self.w_ih.t()?)?
-            .broadcast_add(&self.bias)?
+            .broadcast_add(&(&self.b_ih + &self.b_hh)?)?
             .reshape((b, t, 4 * hs))?;
         let mut h = Tensor::zeros((b, hs), x.dtype(), dev)?;
         let mut c = Tensor::zeros((b, hs), x.dtype(), dev)?;
@@ -141,7 +145,10 @@ mod tests {
         assert_eq!(all.dims(), &[2, 5, 4]);
         let w_ih = lstm.w_ih.to_vec2::<f32>().unwrap();
         let w_hh = lstm.w_hh.to_vec2::<f32>().unwrap();
-        let bias = lstm.bias.to_vec1::<f32>().unwrap();
+        let bias = (&lstm.b_ih + &lstm.b_hh)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let xs = x.to_vec3::<f32>().unwrap();
         let all = all.to_vec3::<f32>().unwrap();
         let last = last.to_vec2::<f32>().unwrap();
@@ -160,5 +167,29 @@ mod tests {
         assert_eq!(all[1][4], all[1][2]);
         assert!(lstm.forward(&x, &[5, 0]).is_err());
         assert!(lstm.forward(&x, &[5]).is_err());
+    }
+
+    /// The biases are read at each forward: a variable set after
+    /// construction (initialised, trained, loaded) changes the output.
+    #[test]
+    fn the_bias_variables_are_live() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let lstm = Lstm::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), 3, 4).unwrap();
+        let x = Tensor::ones((1, 2, 3), DType::F32, &dev).unwrap();
+        let before = lstm.forward(&x, &[2]).unwrap().1;
+        vm.data().lock().unwrap()["bias_hh_l0"]
+            .set(&Tensor::full(3f32, 16, &dev).unwrap())
+            .unwrap();
+        let after = lstm.forward(&x, &[2]).unwrap().1;
+        let d: f32 = (after - before)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d > 1e-3, "{d}");
     }
 }

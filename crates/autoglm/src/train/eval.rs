@@ -32,6 +32,44 @@ pub struct EvalReport {
     pub routes: Option<RouteCounts>,
 }
 
+impl EvalReport {
+    /// The report of `answers` (one per example, in order) given in
+    /// `seconds`, each taking `ms`.
+    pub fn new(
+        examples: &[VqaExample],
+        answers: &[String],
+        ms: &[f64],
+        seconds: f64,
+        routes: Option<RouteCounts>,
+    ) -> Self {
+        let mut per: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+        let mut correct = 0;
+        for (e, ans) in examples.iter().zip(answers) {
+            let ok = ans.trim() == e.answer.trim();
+            correct += usize::from(ok);
+            let entry = per
+                .entry(answer_kind(e.answer.trim()).to_string())
+                .or_default();
+            entry.0 += 1;
+            entry.1 += usize::from(ok);
+        }
+        let truth: Vec<&str> = examples.iter().map(|e| e.answer.trim()).collect();
+        Self {
+            examples: examples.len(),
+            accuracy: correct as f64 / examples.len().max(1) as f64,
+            per_type: per
+                .into_iter()
+                .map(|(k, (t, c))| (k, (t, c as f64 / t.max(1) as f64)))
+                .collect(),
+            confusion: Confusion::from_answers(&truth, answers),
+            seconds,
+            latency_ms: Latency::of(ms),
+            throughput: examples.len() as f64 / seconds.max(1e-9),
+            routes,
+        }
+    }
+}
+
 /// Mean and percentiles of per-example latency, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Latency {
@@ -191,30 +229,11 @@ pub fn evaluate(
         c.full_accuracy = ok_full as f64 / c.full.max(1) as f64;
         c
     });
-    let mut per: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-    let mut correct = 0;
-    for (e, ans) in examples.iter().zip(&answers) {
-        let ok = ans.trim() == e.answer.trim();
-        correct += usize::from(ok);
-        let entry = per
-            .entry(answer_kind(e.answer.trim()).to_string())
-            .or_default();
-        entry.0 += 1;
-        entry.1 += usize::from(ok);
-    }
-    let truth: Vec<&str> = examples.iter().map(|e| e.answer.trim()).collect();
-    let n = examples.len().max(1);
-    Ok(EvalReport {
-        examples: examples.len(),
-        accuracy: correct as f64 / n as f64,
-        per_type: per
-            .into_iter()
-            .map(|(k, (t, c))| (k, (t, c as f64 / t.max(1) as f64)))
-            .collect(),
-        confusion: Confusion::from_answers(&truth, &answers),
-        seconds: t0.elapsed().as_secs_f64(),
-        latency_ms: Latency::of(&ms),
-        throughput: examples.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+    Ok(EvalReport::new(
+        examples,
+        &answers,
+        &ms,
+        t0.elapsed().as_secs_f64(),
         routes,
-    })
+    ))
 }

@@ -7,6 +7,7 @@
 //! checkpoint needs no generator state: resuming at step `s` replays exactly
 //! what an uninterrupted run would have done.
 
+pub mod baseline;
 pub mod checkpoint;
 pub mod eval;
 mod images;
