@@ -7,8 +7,8 @@ use autoglm::train::baseline::{
     evaluate_baseline, is_baseline, train_baseline, BaselineTrainConfig,
 };
 use autoglm::train::eval::EvalOptions;
-use autoglm::train::Metrics;
 use autoglm::train::vqa::{evaluate, load_data, train_vqa, DataSource, VqaTrainConfig};
+use autoglm::train::Metrics;
 use clap::Args;
 use serde_json::json;
 
@@ -46,7 +46,10 @@ pub fn train(g: &Global, a: TrainArgs) -> Result<()> {
         (cfg.steps, cfg.batch_size)
     };
     if g.json {
-        println!("{}", json!({"model": a.out, "steps": steps, "batch_size": batch_size}));
+        println!(
+            "{}",
+            json!({"model": a.out, "steps": steps, "batch_size": batch_size})
+        );
     } else {
         println!("model written to {}", a.out.display());
     }

@@ -1012,9 +1012,7 @@ fn cnn_lstm_baseline_learns_image_and_question() {
             ("Is the picture red?", yes(red)),
             ("Is the picture blue?", yes(!red)),
         ] {
-            lines.push(
-                serde_json::json!({"image": path, "question": q, "answer": a}).to_string(),
-            );
+            lines.push(serde_json::json!({"image": path, "question": q, "answer": a}).to_string());
         }
     }
     let file = data.path().join("qa.jsonl");

@@ -10,10 +10,10 @@
 //! `keep × block` keys: at 2,048 positions, blocks of 64 and 4 kept, an
 //! eighth of the dense products.
 //!
-//! The tiles the bias cuts through (the causal diagonal, a padding
-//! boundary, the ragged last block) are always kept, latest first: a query
-//! always sees its own block. With `keep` ≥ the number of key blocks the
-//! result is dense attention.
+//! A query block's own key block (the one holding its last query's key,
+//! for a decode step too) is always kept, then the tiles the bias cuts (a
+//! padding boundary, the ragged last block), latest first. With `keep` ≥
+//! the number of key blocks the result is dense attention.
 //!
 //! Built from candle's differentiable ops (the choice of blocks is a
 //! discrete, gradient-free step), so a model with it trains.
@@ -110,7 +110,13 @@ pub fn block_top_k_attend(
     let tile_max = tiles.max(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
     let tile_min = tiles.min(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
 
-    let chosen = choose_blocks(&scores, &tile_max, &tile_min, (b, h, nq, nk), keep);
+    // Each query block's own key block: the one holding its last query's
+    // key (a decode step's too, so that cached decoding keeps the local
+    // block as the prompt's prefill does).
+    let own: Vec<usize> = (0..nq)
+        .map(|i| ((offset + (i + 1) * qb - lead - 1) / block).min(nk - 1))
+        .collect();
+    let chosen = choose_blocks(&scores, &tile_max, &tile_min, &own, (b, h, nq, nk), keep);
     // Gather the chosen key/value blocks and bias tiles.
     let kv_index: Vec<u32> = chosen
         .iter()
@@ -151,14 +157,16 @@ pub fn block_top_k_attend(
 }
 
 /// For each (batch, head, query block), the `keep` key blocks to attend,
-/// in the order chosen: first the tiles the bias cuts (latest first), then
-/// visible blocks by score, then masked ones (their bias hides them).
+/// in the order chosen: first its own block (`own[i]`) when visible, then
+/// the tiles the bias cuts (latest first), then visible blocks by score,
+/// then masked ones (their bias hides them).
 ///
 /// `scores`: (B, h, nq, nk) row-major; `tile_max`/`tile_min`: (B, nq, nk).
 fn choose_blocks(
     scores: &[f32],
     tile_max: &[f32],
     tile_min: &[f32],
+    own: &[usize],
     (b, h, nq, nk): (usize, usize, usize, usize),
     keep: usize,
 ) -> Vec<usize> {
@@ -169,9 +177,11 @@ fn choose_blocks(
             for i in 0..nq {
                 let tile = (row * nq + i) * nk;
                 let score = &scores[((row * h + head) * nq + i) * nk..][..nk];
-                // 2 = cut by the bias, 1 = fully visible, 0 = fully masked.
+                // 3 = its own block, 2 = cut by the bias, 1 = fully visible,
+                // 0 = fully masked.
                 let rank =
                     |j: usize| match (tile_max[tile + j] > MASKED, tile_min[tile + j] > MASKED) {
+                        (true, _) if j == own[i] => 3,
                         (true, false) => 2,
                         (true, true) => 1,
                         _ => 0,
@@ -180,7 +190,7 @@ fn choose_blocks(
                 order.extend(0..nk);
                 order.sort_by(|&x, &y| {
                     rank(y).cmp(&rank(x)).then_with(|| {
-                        if rank(x) == 2 {
+                        if rank(x) >= 2 {
                             y.cmp(&x)
                         } else {
                             score[y].total_cmp(&score[x])
@@ -330,6 +340,38 @@ mod tests {
             (hit * block) as f32 <= got && got < ((hit + 1) * block) as f32,
             "read {got}, expected a value of block {hit}"
         );
+    }
+
+    #[test]
+    fn a_decode_step_keeps_its_own_block() {
+        // 64 cached keys fill 8 blocks exactly; block 3 matches the query
+        // best, but with one block kept the step reads its own (the last).
+        let (s, d, block) = (64, 8, 8);
+        let q = rand(&[1, 1, 1, d], 13);
+        let k = rand(&[1, 1, s, d], 14);
+        let rows = (q.clone() * 4.0).unwrap().repeat((1, 1, block, 1)).unwrap();
+        let k = k
+            .slice_assign(&[0..1, 0..1, 3 * block..4 * block, 0..d], &rows)
+            .unwrap();
+        let v = Tensor::arange(0f32, s as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, s, 1))
+            .unwrap()
+            .repeat((1, 1, 1, d))
+            .unwrap();
+        let read = |keep: usize| -> f32 {
+            block_top_k_attend(&q, &k, &v, None, block, keep, s - 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()[0]
+        };
+        let own = read(1);
+        assert!((56.0..64.0).contains(&own), "read {own}");
+        // With two, the best-matching block joins it and dominates.
+        let two = read(2);
+        assert!(two < 40.0, "read {two}");
     }
 
     #[test]

@@ -145,10 +145,7 @@ mod tests {
         assert_eq!(all.dims(), &[2, 5, 4]);
         let w_ih = lstm.w_ih.to_vec2::<f32>().unwrap();
         let w_hh = lstm.w_hh.to_vec2::<f32>().unwrap();
-        let bias = (&lstm.b_ih + &lstm.b_hh)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let bias = (&lstm.b_ih + &lstm.b_hh).unwrap().to_vec1::<f32>().unwrap();
         let xs = x.to_vec3::<f32>().unwrap();
         let all = all.to_vec3::<f32>().unwrap();
         let last = last.to_vec2::<f32>().unwrap();

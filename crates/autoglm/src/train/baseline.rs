@@ -103,7 +103,10 @@ impl BaselineTrainConfig {
             }
         }
         if !(self.peak_lr > 0.0 && self.peak_lr.is_finite()) {
-            return bad("peak_lr", format!("{} is not a positive rate", self.peak_lr));
+            return bad(
+                "peak_lr",
+                format!("{} is not a positive rate", self.peak_lr),
+            );
         }
         self.conv()
             .check()
@@ -236,7 +239,10 @@ impl CnnLstm {
                 path.display()
             ))
         })?;
-        Self::new(VarBuilder::from_tensors(weights, DType::F32, device), config)
+        Self::new(
+            VarBuilder::from_tensors(weights, DType::F32, device),
+            config,
+        )
     }
 
     /// Word ids of a question (unknown words → 0; an empty question → [0]).
@@ -335,8 +341,14 @@ pub fn train_baseline(
         }
     }
     let pretty = |v: serde_json::Result<String>| v.map_err(|e| Error::Invalid(e.to_string()));
-    super::write_atomic(&train_cfg_path, pretty(serde_json::to_string_pretty(c))?.as_bytes())?;
-    super::write_atomic(&cfg_path, pretty(serde_json::to_string_pretty(&config))?.as_bytes())?;
+    super::write_atomic(
+        &train_cfg_path,
+        pretty(serde_json::to_string_pretty(c))?.as_bytes(),
+    )?;
+    super::write_atomic(
+        &cfg_path,
+        pretty(serde_json::to_string_pretty(&config))?.as_bytes(),
+    )?;
 
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
@@ -415,7 +427,10 @@ pub fn train_baseline(
         "train_examples": train.len(),
         "held_out_examples": held_out.len(),
     });
-    super::write_atomic(&out.join("train_summary.json"), summary.to_string().as_bytes())?;
+    super::write_atomic(
+        &out.join("train_summary.json"),
+        summary.to_string().as_bytes(),
+    )?;
     Ok(())
 }
 
@@ -449,7 +464,9 @@ pub fn evaluate_baseline(
         .map(|e| {
             let t = std::time::Instant::now();
             let img = load(&e.image, ImageLimits::default())?;
-            let px = pre.normalize(&pre.resize_crop(&img)?, device)?.unsqueeze(0)?;
+            let px = pre
+                .normalize(&pre.resize_crop(&img)?, device)?
+                .unsqueeze(0)?;
             let answer = model.answer(&px, &[e.question.as_str()])?.remove(0);
             Ok((answer, t.elapsed().as_secs_f64() * 1e3))
         })

@@ -477,7 +477,11 @@ fn balance_answers(ex: Vec<VqaExample>, seed: u64) -> Vec<VqaExample> {
 
 /// (held out, rest): the examples of `n` images chosen by `seed` (at most a
 /// tenth of the images), and the others, each in dataset order.
-pub(crate) fn split_by_image(ex: Vec<VqaExample>, n: usize, seed: u64) -> (Vec<VqaExample>, Vec<VqaExample>) {
+pub(crate) fn split_by_image(
+    ex: Vec<VqaExample>,
+    n: usize,
+    seed: u64,
+) -> (Vec<VqaExample>, Vec<VqaExample>) {
     let mut images: Vec<&std::path::Path> = ex.iter().map(|e| e.image.as_path()).collect();
     images.sort();
     images.dedup();
