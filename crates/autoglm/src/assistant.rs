@@ -53,6 +53,13 @@ impl Assistant {
                     .into(),
             });
         }
+        if crate::train::baseline::is_baseline(dir) {
+            return Err(Error::Invalid(format!(
+                "{} is the CNN + LSTM baseline, which picks an answer class and writes no text: measure it with `autoglm eval --model {}`; `ask` and `serve` need a VLM",
+                dir.display(),
+                dir.display()
+            )));
+        }
         let model = Llava::load(dir, device)?;
         // Never truncate silently: the context check below decides.
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"), 1 << 24)?;

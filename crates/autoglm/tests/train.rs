@@ -1034,6 +1034,11 @@ fn cnn_lstm_baseline_learns_image_and_question() {
         losses[losses.len() - 1]
     );
     assert!(is_baseline(out.path()));
+    let e = autoglm::assistant::Assistant::load(out.path(), &Device::Cpu)
+        .err()
+        .expect("a baseline is not a VLM")
+        .to_string();
+    assert!(e.contains("baseline") && e.contains("autoglm eval"), "{e}");
     let ex = load_data(
         &DataSource::Jsonl {
             train: file.clone(),

@@ -329,6 +329,10 @@ pub fn train_baseline(
         words: vocab,
         answers,
     };
+    if !resume {
+        // A previous model here no longer matches the files written below.
+        let _ = std::fs::remove_file(out.join("model.safetensors"));
+    }
     let cfg_path = out.join("config.json");
     let train_cfg_path = out.join("train_config.json");
     if resume && train_cfg_path.exists() {
