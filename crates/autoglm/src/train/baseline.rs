@@ -264,6 +264,12 @@ impl CnnLstm {
     /// `pixels`: (B, 3, S, S), B questions → (B, answers)
     pub fn logits(&self, pixels: &Tensor, questions: &[Vec<u32>]) -> Result<Tensor> {
         let b = questions.len();
+        if b == 0 || pixels.dim(0)? != b || questions.iter().any(Vec::is_empty) {
+            return Err(Error::Invalid(format!(
+                "the baseline needs one image per question and a word in each question, got {} images and {b} questions",
+                pixels.dim(0)?
+            )));
+        }
         let t = questions.iter().map(Vec::len).max().unwrap_or(1);
         let mut ids = vec![0u32; b * t];
         for (row, q) in questions.iter().enumerate() {
