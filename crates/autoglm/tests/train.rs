@@ -666,14 +666,23 @@ fn bad_training_configs_name_the_field() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("unknown field `image_text_heads`"), "{e}");
-    // Every shipped config parses and validates.
+    // Every shipped config parses and validates (a `"model"` field picks
+    // the CNN + LSTM baseline, as `autoglm train` does).
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
     for f in std::fs::read_dir(&dir).unwrap() {
         let p = f.unwrap().path();
-        let c: VqaTrainConfig = serde_json::from_str(&std::fs::read_to_string(&p).unwrap())
-            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        c.validate()
-            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let checked = if v.get("model").is_some() {
+            serde_json::from_value::<autoglm::train::baseline::BaselineTrainConfig>(v)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+        } else {
+            serde_json::from_value::<VqaTrainConfig>(v)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map(|_| ()).map_err(|e| e.to_string()))
+        };
+        checked.unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
     check(
         serde_json::json!({"image_text_attention_heads": 3}),
