@@ -47,16 +47,21 @@ pub(crate) fn check_block_size(
     top_k: Option<usize>,
     block: Option<usize>,
 ) -> Result<()> {
+    match block_size_error(top_k, block) {
+        Some(why) => Err(invalid(path, format!("{tower}.attention_block_size {why}"))),
+        None => Ok(()),
+    }
+}
+
+/// What is wrong with `attention_block_size` beside `attention_top_k`, if
+/// anything (the model configs and the training config share the rule).
+pub fn block_size_error(top_k: Option<usize>, block: Option<usize>) -> Option<&'static str> {
     match (top_k, block) {
-        (_, Some(0)) => Err(invalid(
-            path,
-            format!("{tower}.attention_block_size must be at least 1 (leave it out for token top-k)"),
-        )),
-        (None, Some(_)) => Err(invalid(
-            path,
-            format!("{tower}.attention_block_size needs {tower}.attention_top_k (the keys each query keeps, taken in blocks of this size)"),
-        )),
-        _ => Ok(()),
+        (_, Some(0)) => Some("must be at least 1 (leave it out for token top-k)"),
+        (None, Some(_)) => {
+            Some("needs attention_top_k (the keys each query keeps, taken in blocks of this size)")
+        }
+        _ => None,
     }
 }
 

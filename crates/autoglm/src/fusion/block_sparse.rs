@@ -302,29 +302,19 @@ mod tests {
         assert!(max_diff(&sparse, &dense) > 1e-3);
     }
 
-    #[test]
-    fn a_decode_step_finds_the_block_that_matches_its_query() {
-        // 64 cached keys in 8 blocks; one block's keys all equal the query
-        // (scaled up), the rest are noise. With one block kept beside the
-        // ragged latest one, the query reads that block's values.
-        let (s, d, block) = (66, 8, 8);
-        let q = rand(&[1, 1, 1, d], 7);
-        let mut k = rand(&[1, 1, s, d], 8);
-        let hit = 3;
-        let big = (q.clone() * 4.0)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let rows = big
-            .repeat((block, 1))
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        k = k
+    /// A decode step's query (seeded by `seed`), `s` cached noise keys
+    /// (seed + 1) whose block `hit` is replaced by 4 × the query, and
+    /// values that are the keys' indices.
+    fn one_matching_block(
+        s: usize,
+        d: usize,
+        block: usize,
+        hit: usize,
+        seed: u64,
+    ) -> (Tensor, Tensor, Tensor) {
+        let q = rand(&[1, 1, 1, d], seed);
+        let rows = (q.clone() * 4.0).unwrap().repeat((1, 1, block, 1)).unwrap();
+        let k = rand(&[1, 1, s, d], seed + 1)
             .slice_assign(&[0..1, 0..1, hit * block..(hit + 1) * block, 0..d], &rows)
             .unwrap();
         let v = Tensor::arange(0f32, s as f32, &Device::Cpu)
@@ -333,8 +323,28 @@ mod tests {
             .unwrap()
             .repeat((1, 1, 1, d))
             .unwrap();
-        let out = block_top_k_attend(&q, &k, &v, None, block, 2, s - 1).unwrap();
-        let got: f32 = out.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+        (q, k, v)
+    }
+
+    /// What the decode step after all of `k` reads, keeping `keep` blocks.
+    fn read(q: &Tensor, k: &Tensor, v: &Tensor, block: usize, keep: usize) -> f32 {
+        let s = k.dim(2).unwrap();
+        block_top_k_attend(q, k, v, None, block, keep, s - 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0]
+    }
+
+    #[test]
+    fn a_decode_step_finds_the_block_that_matches_its_query() {
+        // 64 cached keys in 8 blocks; one block's keys all equal the query
+        // (scaled up), the rest are noise. With one block kept beside the
+        // ragged latest one, the query reads that block's values.
+        let (s, d, block, hit) = (66, 8, 8, 3);
+        let (q, k, v) = one_matching_block(s, d, block, hit, 7);
+        let got = read(&q, &k, &v, block, 2);
         // Values are key indices: the answer lies in the matching block.
         assert!(
             (hit * block) as f32 <= got && got < ((hit + 1) * block) as f32,
@@ -347,26 +357,8 @@ mod tests {
         // 64 cached keys fill 8 blocks exactly; block 3 matches the query
         // best, but with one block kept the step reads its own (the last).
         let (s, d, block) = (64, 8, 8);
-        let q = rand(&[1, 1, 1, d], 13);
-        let k = rand(&[1, 1, s, d], 14);
-        let rows = (q.clone() * 4.0).unwrap().repeat((1, 1, block, 1)).unwrap();
-        let k = k
-            .slice_assign(&[0..1, 0..1, 3 * block..4 * block, 0..d], &rows)
-            .unwrap();
-        let v = Tensor::arange(0f32, s as f32, &Device::Cpu)
-            .unwrap()
-            .reshape((1, 1, s, 1))
-            .unwrap()
-            .repeat((1, 1, 1, d))
-            .unwrap();
-        let read = |keep: usize| -> f32 {
-            block_top_k_attend(&q, &k, &v, None, block, keep, s - 1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()[0]
-        };
+        let (q, k, v) = one_matching_block(s, d, block, 3, 13);
+        let read = |keep: usize| read(&q, &k, &v, block, keep);
         let own = read(1);
         assert!((56.0..64.0).contains(&own), "read {own}");
         // With two, the best-matching block joins it and dominates.

@@ -179,14 +179,7 @@ mod tests {
             .set(&Tensor::full(3f32, 16, &dev).unwrap())
             .unwrap();
         let after = lstm.forward(&x, &[2]).unwrap().1;
-        let d: f32 = (after - before)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = crate::fusion::test_util::max_diff(&after, &before);
         assert!(d > 1e-3, "{d}");
     }
 }

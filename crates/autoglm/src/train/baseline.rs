@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::eval::EvalReport;
 use super::images::ImageCache;
 use super::vqa::{init_weights, load_data, split_by_image, DataSource};
-use super::{AdamWConfig, Metrics, Schedule, TrainConfig, Trainer};
+use super::{Metrics, TrainConfig, Trainer};
 use crate::data::loader::epoch_order;
 use crate::data::VqaExample;
 use crate::io::image::{load, ImageLimits};
@@ -108,28 +108,9 @@ impl BaselineTrainConfig {
                 format!("{} is not a positive rate", self.peak_lr),
             );
         }
-        self.conv()
+        ConvNetConfig::plain(self.vision_hidden, self.vision_layers, self.image_size)
             .check()
-            .or_else(|(field, why)| bad(conv_field(field), why))
-    }
-
-    fn conv(&self) -> ConvNetConfig {
-        ConvNetConfig {
-            channels: self.vision_hidden,
-            layers: self.vision_layers,
-            image_size: self.image_size,
-            fusion: None,
-            fpn: false,
-        }
-    }
-}
-
-/// The training field behind a [`ConvNetConfig::check`] field.
-fn conv_field(field: &str) -> &str {
-    match field {
-        "hidden_size" => "vision_hidden",
-        "num_hidden_layers" => "vision_layers",
-        other => other,
+            .or_else(|(field, why)| bad(ConvNetConfig::training_field(field), why))
     }
 }
 
@@ -151,13 +132,7 @@ pub struct BaselineConfig {
 
 impl BaselineConfig {
     fn conv(&self) -> ConvNetConfig {
-        ConvNetConfig {
-            channels: self.vision_hidden,
-            layers: self.vision_layers,
-            image_size: self.image_size,
-            fusion: None,
-            fpn: false,
-        }
+        ConvNetConfig::plain(self.vision_hidden, self.vision_layers, self.image_size)
     }
 
     /// The images as the encoder takes them: resized (never cropped) to
@@ -376,21 +351,9 @@ pub fn train_baseline(
     let train_q: Vec<Vec<u32>> = train.iter().map(|e| model.encode(&e.question)).collect();
     let train_y: Vec<u32> = train.iter().map(target).collect();
     let tc = TrainConfig {
-        steps: c.steps,
-        grad_accum: 1,
-        workers: 1,
-        schedule: Schedule {
-            peak_lr: c.peak_lr,
-            warmup_steps: c.warmup_steps,
-            total_steps: c.steps,
-            final_fraction: 0.05,
-        },
-        adamw: AdamWConfig::default(),
-        clip_norm: c.clip_norm,
-        freeze: Vec::new(),
         eval_every: c.eval_every,
         checkpoint_every: c.checkpoint_every,
-        seed: c.seed,
+        ..TrainConfig::cosine(c.steps, c.peak_lr, c.warmup_steps, c.clip_norm, c.seed)
     };
     let mut trainer = Trainer::new(&vm, tc, out)?;
     if resume && trainer.resume(&vm)? {

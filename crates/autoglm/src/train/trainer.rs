@@ -42,6 +42,37 @@ fn one() -> usize {
     1
 }
 
+impl TrainConfig {
+    /// `steps` of AdamW (its defaults) with linear warmup to `peak_lr`,
+    /// then cosine decay to 5 % of it; every parameter trains, one
+    /// micro-batch a step, no evaluation or checkpoints until set.
+    pub fn cosine(
+        steps: usize,
+        peak_lr: f64,
+        warmup_steps: usize,
+        clip_norm: f64,
+        seed: u64,
+    ) -> Self {
+        Self {
+            steps,
+            grad_accum: 1,
+            workers: 1,
+            schedule: Schedule {
+                peak_lr,
+                warmup_steps,
+                total_steps: steps,
+                final_fraction: 0.05,
+            },
+            adamw: AdamWConfig::default(),
+            clip_norm,
+            freeze: Vec::new(),
+            eval_every: 0,
+            checkpoint_every: 0,
+            seed,
+        }
+    }
+}
+
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Metrics {

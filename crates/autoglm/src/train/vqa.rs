@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::images::ImageCache;
-use super::{AdamWConfig, Metrics, Schedule, TrainConfig, Trainer};
+use super::{Metrics, TrainConfig, Trainer};
 use crate::config::LlavaConfig;
 use crate::data::loader::epoch_order;
 use crate::data::{easy_vqa, jsonl, VqaExample};
@@ -223,11 +223,7 @@ impl VqaTrainConfig {
                 );
             }
             self.conv().check().map_err(|(field, why)| {
-                let field = match field {
-                    "hidden_size" => "vision_hidden",
-                    "num_hidden_layers" => "vision_layers",
-                    f => f,
-                };
+                let field = crate::vision::convnet::ConvNetConfig::training_field(field);
                 Error::Invalid(format!("training config: {field}: {why}"))
             })?;
         }
@@ -294,19 +290,10 @@ impl VqaTrainConfig {
                 "must be at least 1 (leave it out for dense attention)".into(),
             );
         }
-        match (self.attention_top_k, self.attention_block_size) {
-            (_, Some(0)) => {
-                return bad(
-                    "attention_block_size",
-                    "must be at least 1 (leave it out for token top-k)".into(),
-                )
-            }
-            (None, Some(_)) => return bad(
-                "attention_block_size",
-                "needs attention_top_k (the keys each query keeps, taken in blocks of this size)"
-                    .into(),
-            ),
-            _ => {}
+        if let Some(why) =
+            crate::config::block_size_error(self.attention_top_k, self.attention_block_size)
+        {
+            return bad("attention_block_size", why.into());
         }
         if self.workers == 0 || self.batch_size % self.workers != 0 {
             return bad(
@@ -388,11 +375,13 @@ impl VqaTrainConfig {
     /// The `cnn` encoder this config describes.
     fn conv(&self) -> crate::vision::convnet::ConvNetConfig {
         crate::vision::convnet::ConvNetConfig {
-            channels: self.vision_hidden,
-            layers: self.vision_layers,
-            image_size: self.image_size,
             fusion: self.feature_fusion,
             fpn: self.fpn,
+            ..crate::vision::convnet::ConvNetConfig::plain(
+                self.vision_hidden,
+                self.vision_layers,
+                self.image_size,
+            )
         }
     }
 }
@@ -766,21 +755,11 @@ pub fn train_vqa(
     let held_ids = held_out.iter().map(encode).collect::<Result<Vec<_>>>()?;
     let micro = c.batch_size / c.workers;
     let tc = TrainConfig {
-        steps: c.steps,
         grad_accum: c.workers,
         workers: c.workers,
-        schedule: Schedule {
-            peak_lr: c.peak_lr,
-            warmup_steps: c.warmup_steps,
-            total_steps: c.steps,
-            final_fraction: 0.05,
-        },
-        adamw: AdamWConfig::default(),
-        clip_norm: c.clip_norm,
-        freeze: Vec::new(),
         eval_every: c.eval_every,
         checkpoint_every: c.checkpoint_every,
-        seed: c.seed,
+        ..TrainConfig::cosine(c.steps, c.peak_lr, c.warmup_steps, c.clip_norm, c.seed)
     };
     let mut trainer = Trainer::new(&vm, tc, out)?;
     let trainable = trainer.trainable();

@@ -39,6 +39,28 @@ pub struct ConvNetConfig {
 }
 
 impl ConvNetConfig {
+    /// `layers` convolutions of `channels` on `image_size`², the last
+    /// stage alone (no fusion, no FPN).
+    pub fn plain(channels: usize, layers: usize, image_size: usize) -> Self {
+        Self {
+            channels,
+            layers,
+            image_size,
+            fusion: None,
+            fpn: false,
+        }
+    }
+
+    /// The training-config field behind a field [`Self::check`] names
+    /// (its `vision_config` name).
+    pub fn training_field(field: &str) -> &str {
+        match field {
+            "hidden_size" => "vision_hidden",
+            "num_hidden_layers" => "vision_layers",
+            other => other,
+        }
+    }
+
     /// Side of the token grid.
     pub fn grid(&self) -> usize {
         self.image_size >> self.layers
