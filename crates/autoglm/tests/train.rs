@@ -989,10 +989,11 @@ fn decoder_cross_attention_trains_and_reloads() {
     );
 }
 
-/// The CNN + LSTM baseline learns a task that needs both the image and the
-/// question (the colour of the picture; whether it is red; whether it is
-/// blue), saves a model that `evaluate_baseline` reloads and gets right,
-/// and refuses configs that cannot train, naming the field.
+/// The CNN + LSTM baseline, with either head (the MLP, the relation
+/// network), learns a task that needs both the image and the question (the
+/// colour of the picture; whether it is red; whether it is blue), saves a
+/// model that `evaluate_baseline` reloads and gets right, and refuses
+/// configs that cannot train, naming the field.
 #[test]
 fn cnn_lstm_baseline_learns_image_and_question() {
     use autoglm::train::baseline::{
@@ -1032,22 +1033,7 @@ fn cnn_lstm_baseline_learns_image_and_question() {
         "lstm_hidden": 16, "mlp_hidden": 32, "steps": 400, "batch_size": 8,
         "peak_lr": 3e-3, "warmup_steps": 5, "clip_norm": 1.0, "seed": 1
     });
-    let cfg: BaselineTrainConfig = serde_json::from_value(base.clone()).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let mut losses = Vec::new();
-    train_baseline(&cfg, out.path(), false, &mut |m| losses.push(m.loss)).unwrap();
-    assert!(
-        losses[losses.len() - 1] < 0.1 * losses[0],
-        "the loss did not fall: {:?} → {:?}",
-        losses[0],
-        losses[losses.len() - 1]
-    );
-    assert!(is_baseline(out.path()));
-    let e = autoglm::assistant::Assistant::load(out.path(), &Device::Cpu)
-        .err()
-        .expect("a baseline is not a VLM")
-        .to_string();
-    assert!(e.contains("baseline") && e.contains("autoglm eval"), "{e}");
     let ex = load_data(
         &DataSource::Jsonl {
             train: file.clone(),
@@ -1056,9 +1042,31 @@ fn cnn_lstm_baseline_learns_image_and_question() {
         "test",
     )
     .unwrap();
-    let r = evaluate_baseline(out.path(), &ex, &Device::Cpu).unwrap();
-    assert_eq!(r.examples, 24);
-    assert_eq!(r.accuracy, 1.0, "{:?}", r.per_type);
+    for head in ["mlp", "relation"] {
+        let mut v = base.clone();
+        v["head"] = head.into();
+        v["relation_hidden"] = 32.into();
+        let cfg: BaselineTrainConfig = serde_json::from_value(v).unwrap();
+        let mut losses = Vec::new();
+        train_baseline(&cfg, out.path(), false, &mut |m| losses.push(m.loss)).unwrap();
+        assert!(
+            losses[losses.len() - 1] < 0.1 * losses[0],
+            "{head}: the loss did not fall: {:?} → {:?}",
+            losses[0],
+            losses[losses.len() - 1]
+        );
+        assert!(is_baseline(out.path()));
+        let saved = std::fs::read_to_string(out.path().join("config.json")).unwrap();
+        assert!(saved.contains(&format!("\"head\": \"{head}\"")), "{saved}");
+        let e = autoglm::assistant::Assistant::load(out.path(), &Device::Cpu)
+            .err()
+            .expect("a baseline is not a VLM")
+            .to_string();
+        assert!(e.contains("baseline") && e.contains("autoglm eval"), "{e}");
+        let r = evaluate_baseline(out.path(), &ex, &Device::Cpu).unwrap();
+        assert_eq!(r.examples, 24);
+        assert_eq!(r.accuracy, 1.0, "{head}: {:?}", r.per_type);
+    }
 
     let check = |patch: serde_json::Value, field: &str| {
         let mut v = base.clone();
@@ -1078,4 +1086,12 @@ fn cnn_lstm_baseline_learns_image_and_question() {
     check(serde_json::json!({"image_size": 18}), "image_size");
     check(serde_json::json!({"lstm_hidden": 0}), "lstm_hidden");
     check(serde_json::json!({"lstm_layers": 2}), "lstm_layers");
+    check(
+        serde_json::json!({"head": "attention"}),
+        "expected `mlp` or `relation`",
+    );
+    check(
+        serde_json::json!({"head": "relation", "relation_layers": 0}),
+        "relation_layers",
+    );
 }

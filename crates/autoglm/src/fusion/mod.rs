@@ -5,6 +5,7 @@ pub mod block_sparse;
 pub mod fpn;
 pub mod gating;
 pub mod projector;
+pub mod relation;
 pub mod router;
 
 /// Helpers of the fusion modules' tests.

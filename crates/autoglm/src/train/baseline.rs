@@ -6,6 +6,11 @@
 //! 2017): no decoder, no attention — the reference point for the VLM's
 //! fusion choices.
 //!
+//! With `"head": "relation"` the MLP reads, instead of the flattened image
+//! and the question, a relation network over every pair of the CNN's cells
+//! with the question (the paper's CNN + RN, with its LSTM; see
+//! [`crate::fusion::relation`]).
+//!
 //! `autoglm train` takes it from a config with `"model": "cnn-lstm"`; the
 //! output directory (`config.json` with `model_type` [`MODEL_TYPE`],
 //! `model.safetensors`) is what `autoglm eval` loads.
@@ -23,6 +28,7 @@ use super::vqa::{init_weights, load_data, split_by_image, DataSource};
 use super::{Metrics, TrainConfig, Trainer};
 use crate::data::loader::epoch_order;
 use crate::data::VqaExample;
+use crate::fusion::relation::RelationNetwork;
 use crate::io::image::{load, ImageLimits};
 use crate::io::preprocess::{CropRounding, Preprocess, Resample};
 use crate::nn::{linear_b, Linear};
@@ -44,6 +50,22 @@ fn d256() -> usize {
     256
 }
 
+fn d4() -> usize {
+    4
+}
+
+/// What reads the image and the question before the answer MLP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Head {
+    /// The flattened image cells beside the question (the paper's CNN + MLP).
+    #[default]
+    Mlp,
+    /// A relation network over every pair of cells with the question, its
+    /// mean (the paper's CNN + RN).
+    Relation,
+}
+
 /// A training run of the baseline. An unknown field is an error.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +85,14 @@ pub struct BaselineTrainConfig {
     pub lstm_hidden: usize,
     #[serde(default = "d256")]
     pub mlp_hidden: usize,
+    #[serde(default)]
+    pub head: Head,
+    /// Width of the relation network's `g` (with `"head": "relation"`).
+    #[serde(default = "d256")]
+    pub relation_hidden: usize,
+    /// Layers of `g` (with `"head": "relation"`).
+    #[serde(default = "d4")]
+    pub relation_layers: usize,
     pub steps: usize,
     pub batch_size: usize,
     pub peak_lr: f64,
@@ -95,6 +125,8 @@ impl BaselineTrainConfig {
             ("word_dim", self.word_dim),
             ("lstm_hidden", self.lstm_hidden),
             ("mlp_hidden", self.mlp_hidden),
+            ("relation_hidden", self.relation_hidden),
+            ("relation_layers", self.relation_layers),
             ("steps", self.steps),
             ("batch_size", self.batch_size),
         ] {
@@ -125,6 +157,13 @@ pub struct BaselineConfig {
     pub word_dim: usize,
     pub lstm_hidden: usize,
     pub mlp_hidden: usize,
+    /// Models saved before the relation head have the MLP head.
+    #[serde(default)]
+    pub head: Head,
+    #[serde(default = "d256")]
+    pub relation_hidden: usize,
+    #[serde(default = "d4")]
+    pub relation_layers: usize,
     /// Word ids are indices; 0 is every word not in the list.
     pub words: Vec<String>,
     pub answers: Vec<String>,
@@ -163,6 +202,7 @@ pub struct CnnLstm {
     cnn: ConvNet,
     embed: Embedding,
     lstm: Lstm,
+    relation: Option<RelationNetwork>,
     fc1: Linear,
     fc2: Linear,
     out: Linear,
@@ -184,8 +224,20 @@ impl CnnLstm {
             ));
         }
         let conv = config.conv();
-        let image_width = conv.tokens() * conv.token_width();
-        let joint = image_width + config.lstm_hidden;
+        let relation = match config.head {
+            Head::Mlp => None,
+            Head::Relation => Some(RelationNetwork::new(
+                vb.pp("relation"),
+                conv.token_width(),
+                config.lstm_hidden,
+                config.relation_hidden,
+                config.relation_layers,
+            )?),
+        };
+        let joint = match config.head {
+            Head::Mlp => conv.tokens() * conv.token_width() + config.lstm_hidden,
+            Head::Relation => config.relation_hidden,
+        };
         let vocab = config
             .words
             .iter()
@@ -196,6 +248,7 @@ impl CnnLstm {
             cnn: ConvNet::new(vb.pp("cnn"), &conv)?,
             embed: embedding(config.words.len(), config.word_dim, vb.pp("words"))?,
             lstm: Lstm::new(vb.pp("lstm"), config.word_dim, config.lstm_hidden)?,
+            relation,
             fc1: linear_b(joint, config.mlp_hidden, true, vb.pp("fc1"))?,
             fc2: linear_b(config.mlp_hidden, config.mlp_hidden, true, vb.pp("fc2"))?,
             out: linear_b(config.mlp_hidden, config.answers.len(), true, vb.pp("out"))?,
@@ -254,8 +307,11 @@ impl CnnLstm {
         let ids = Tensor::from_vec(ids, (b, t), dev)?;
         let lengths: Vec<usize> = questions.iter().map(Vec::len).collect();
         let (_, question) = self.lstm.forward(&self.embed.forward(&ids)?, &lengths)?;
-        let image = self.cnn.forward(pixels)?.flatten_from(1)?;
-        let x = Tensor::cat(&[&image, &question], 1)?;
+        let cells = self.cnn.forward(pixels)?; // (B, g², C + 2)
+        let x = match &self.relation {
+            Some(rn) => rn.forward(&cells, &question)?,
+            None => Tensor::cat(&[&cells.flatten_from(1)?, &question], 1)?,
+        };
         let x = self.fc1.forward(&x)?.relu()?;
         let x = self.fc2.forward(&x)?.relu()?;
         self.out.forward(&x)
@@ -307,6 +363,9 @@ pub fn train_baseline(
         word_dim: c.word_dim,
         lstm_hidden: c.lstm_hidden,
         mlp_hidden: c.mlp_hidden,
+        head: c.head,
+        relation_hidden: c.relation_hidden,
+        relation_layers: c.relation_layers,
         words: vocab,
         answers,
     };
