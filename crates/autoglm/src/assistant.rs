@@ -204,7 +204,7 @@ impl Assistant {
         // A routed model picks its depth, unless the caller fixed it.
         let mut route = None;
         if cfg.layers.is_none() {
-            if let Some((r, depth)) = self.model.route(&embeds)? {
+            if let Some((r, depth)) = self.model.route(&embeds, &ids)? {
                 route = Some(r);
                 cfg.layers = Some(depth);
             }

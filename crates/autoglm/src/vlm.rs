@@ -116,7 +116,7 @@ impl Llava {
                 .transpose()?,
             router: cfg
                 .router_light_layers
-                .map(|_| Router::new(root.pp("router"), t.hidden_size, cfg.router_threshold))
+                .map(|_| Router::new(root.pp("router"), 2 * t.hidden_size, cfg.router_threshold))
                 .transpose()?,
             lm: Llama::new(lm_model, lm_head, t)?,
             config: cfg.clone(),
@@ -356,34 +356,49 @@ impl Llava {
         }
     }
 
-    /// The router's input: the mean of each row's prompt embeddings.
+    /// The router's input: the mean of each prompt's image-token embeddings
+    /// beside the mean of its text-token embeddings (zeros for a part the
+    /// prompt lacks).
+    ///
+    /// Two means, not one: in a single mean over the prompt, the question's
+    /// few words are outweighed by dozens of image tokens, and a router
+    /// trained on it made one decision for every input.
     ///
     /// # Shapes
-    /// `embeds`: (B, T, H), `prompt_lens`: B lengths ≤ T → (B, H)
-    pub fn router_input(&self, embeds: &Tensor, prompt_lens: &[usize]) -> Result<Tensor> {
-        let (b, t, _) = embeds.dims3()?;
-        if prompt_lens.len() != b || prompt_lens.iter().any(|&p| p == 0 || p > t) {
+    /// `embeds`: (B, T, H), `prompts`: B prompts' ids, each of 1..=T ids
+    /// (row b's first positions) → (B, 2·H)
+    pub fn router_input(&self, embeds: &Tensor, prompts: &[&[u32]]) -> Result<Tensor> {
+        let (b, t, h) = embeds.dims3()?;
+        if prompts.len() != b || prompts.iter().any(|p| p.is_empty() || p.len() > t) {
             return Err(Error::Invalid(format!(
-                "router: {} prompt lengths for {b} rows of {t} positions, each in 1..={t}",
-                prompt_lens.len()
+                "router: {} prompts for {b} rows of {t} positions, each of 1..={t} ids",
+                prompts.len()
             )));
         }
-        let w: Vec<f32> = prompt_lens
-            .iter()
-            .flat_map(|&p| (0..t).map(move |j| if j < p { 1.0 / p as f32 } else { 0.0 }))
-            .collect();
-        let w = Tensor::from_vec(w, (b, 1, t), embeds.device())?;
-        Ok(w.matmul(embeds)?.squeeze(1)?)
+        let tok = self.config.image_token_index;
+        let mut w = vec![0f32; b * 2 * t];
+        for (row, p) in prompts.iter().enumerate() {
+            let images = p.iter().filter(|&&i| i == tok).count();
+            for (j, &id) in p.iter().enumerate() {
+                let (part, n) = if id == tok {
+                    (0, images)
+                } else {
+                    (1, p.len() - images)
+                };
+                w[(row * 2 + part) * t + j] = 1.0 / n as f32;
+            }
+        }
+        let w = Tensor::from_vec(w, (b, 2, t), embeds.device())?;
+        Ok(w.matmul(embeds)?.reshape((b, 2 * h))?)
     }
 
-    /// The path and decoder depth for one prompt's embeddings (1, T, H):
-    /// `None` without a router.
-    pub fn route(&self, embeds: &Tensor) -> Result<Option<(Route, usize)>> {
+    /// The path and decoder depth for one prompt (`ids`, embedded as
+    /// `embeds` (1, T, H)): `None` without a router.
+    pub fn route(&self, embeds: &Tensor, ids: &[u32]) -> Result<Option<(Route, usize)>> {
         let (Some(router), Some(light)) = (&self.router, self.config.router_light_layers) else {
             return Ok(None);
         };
-        let t = embeds.dim(1)?;
-        let route = router.route(&self.router_input(embeds, &[t])?)?[0];
+        let route = router.route(&self.router_input(embeds, &[ids])?)?[0];
         let depth = match route {
             Route::Light => light,
             Route::Full => self.lm.depth(),

@@ -846,6 +846,39 @@ fn cnn_fusion_and_router_train_and_reload() {
     });
     assert_eq!(routed.tokens, one.tokens);
     assert_eq!(one.route, None, "a fixed depth is not a routing decision");
+
+    // The router reads the image tokens' mean beside the text tokens':
+    // row 0 is two image tokens and two words (and a padding position the
+    // means skip); row 1 has no image, so its image half is 0.
+    let img_tok = a.model.config.image_token_index;
+    let word = img_tok + 1;
+    let e = Tensor::arange(0f32, 2.0 * 5.0 * 32.0, &Device::Cpu)
+        .unwrap()
+        .reshape((2, 5, 32))
+        .unwrap();
+    let input = a
+        .model
+        .router_input(&e, &[&[img_tok, word, img_tok, word], &[word; 3]])
+        .unwrap();
+    let mean = |row: usize, at: &[usize]| -> Vec<f32> {
+        let rows: Vec<Tensor> = at
+            .iter()
+            .map(|&j| e.get(row).unwrap().get(j).unwrap())
+            .collect();
+        (Tensor::stack(&rows, 0).unwrap().sum(0).unwrap() / at.len() as f64)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let want0 = [mean(0, &[0, 2]), mean(0, &[1, 3])].concat();
+    let want1 = [vec![0f32; 32], mean(1, &[0, 1, 2])].concat();
+    let got = input.to_vec2::<f32>().unwrap();
+    for (g, w) in got.iter().flatten().zip(want0.iter().chain(&want1)) {
+        assert!((g - w).abs() < 1e-3, "{got:?}");
+    }
+    assert_eq!(got.iter().flatten().count(), 2 * 64);
+    let err = a.model.router_input(&e, &[&[1]]).unwrap_err().to_string();
+    assert!(err.contains("1 prompts for 2 rows"), "{err}");
 }
 
 /// Gated cross-attention blocks inside the decoder: with their gates at 0

@@ -976,9 +976,8 @@ struct AnswerHidden {
     targets: Tensor,
     /// The row of each answer token.
     row_of: Vec<usize>,
-    /// (B, T, H) the input embeddings, and where each row's prompt ends.
+    /// (B, T, H) the input embeddings.
     embeds: Tensor,
-    prompt_lens: Vec<usize>,
 }
 
 fn answer_hidden(
@@ -1042,7 +1041,6 @@ fn answer_hidden(
         targets: Tensor::from_vec(targets, n, &dev)?,
         row_of,
         embeds: e,
-        prompt_lens,
     })
 }
 
@@ -1067,7 +1065,8 @@ pub fn routed_answer_loss(
         per_example_loss(&model.lm.logits(h)?, &a.targets, &a.row_of, rows.len())
     };
     let (l_light, l_full) = (per_row(&a.hidden[0])?, per_row(&a.hidden[1])?);
-    let p = router.probability(&model.router_input(&a.embeds, &a.prompt_lens)?.detach())?;
+    let prompts: Vec<&[u32]> = rows.iter().map(|r| r.prompt.as_slice()).collect();
+    let p = router.probability(&model.router_input(&a.embeds, &prompts)?.detach())?;
     let cost = RouteCost {
         light: light as f64 / depth as f64,
         full: 1.0,
