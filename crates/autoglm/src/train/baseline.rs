@@ -521,3 +521,70 @@ pub fn is_baseline(dir: &Path) -> bool {
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .is_some_and(|v| v["model_type"] == MODEL_TYPE)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With either head, one cross-entropy step reaches every weight:
+    /// the convolutions, the word embeddings, the LSTM, the relation
+    /// network and the answer MLP.
+    #[test]
+    fn every_weight_receives_a_gradient() {
+        for head in [Head::Mlp, Head::Relation] {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+            let config = BaselineConfig {
+                model_type: MODEL_TYPE.into(),
+                image_size: 16,
+                vision_hidden: 4,
+                vision_layers: 2,
+                word_dim: 6,
+                lstm_hidden: 5,
+                mlp_hidden: 7,
+                head,
+                relation_hidden: 8,
+                relation_layers: 2,
+                words: ["<unk>", "what", "colour", "shape"]
+                    .map(String::from)
+                    .to_vec(),
+                answers: ["a", "b", "c"].map(String::from).to_vec(),
+            };
+            let model = CnnLstm::new(vb, config).unwrap();
+            init_weights(&vm, 3, None).unwrap();
+            // Nonzero biases, so that no ReLU starts dead by symmetry.
+            for var in vm.all_vars() {
+                if var.rank() == 1 {
+                    let noise = Tensor::randn(0f32, 0.1, var.shape(), &Device::Cpu).unwrap();
+                    var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
+                }
+            }
+            let px = Tensor::randn(0f32, 1.0, (3, 3, 16, 16), &Device::Cpu).unwrap();
+            let qs = vec![vec![1, 2], vec![1, 3, 0], vec![3]];
+            let y = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
+            let loss =
+                candle_nn::loss::cross_entropy(&model.logits(&px, &qs).unwrap(), &y).unwrap();
+            let grads = loss.backward().unwrap();
+            let data = vm.data().lock().unwrap();
+            let mut names: Vec<&String> = data.keys().collect();
+            names.sort();
+            assert!(
+                names.iter().any(|n| n.starts_with("relation.")) == (head == Head::Relation),
+                "{names:?}"
+            );
+            for name in names {
+                let g = grads
+                    .get(data[name].as_tensor())
+                    .unwrap_or_else(|| panic!("{head:?}: no gradient for {name}"));
+                let size = g
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(size > 0.0, "{head:?}: a zero gradient for {name}");
+            }
+        }
+    }
+}
