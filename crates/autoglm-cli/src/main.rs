@@ -134,6 +134,14 @@ enum BenchCommand {
     LongInput(bench_long::LongArgs),
 }
 
+/// mimalloc keeps freed memory for reuse. glibc's malloc hands each large
+/// tensor to `mmap` and back, so every training step faulted in and zeroed
+/// its activations afresh: a relation network's forward and backward pass
+/// (64 × 625 pairs of width 256) took 2.0× as long under it
+/// (docs/benchmarks.md, "Training speed").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Like other Unix tools, stop quietly when the reader of our output goes
     // away (`autoglm … | head`) instead of panicking on a broken pipe.
