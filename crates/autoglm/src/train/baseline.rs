@@ -61,8 +61,8 @@ pub enum Head {
     /// The flattened image cells beside the question (the paper's CNN + MLP).
     #[default]
     Mlp,
-    /// A relation network over every pair of cells with the question, its
-    /// mean (the paper's CNN + RN).
+    /// A relation network over every pair of cells with the question,
+    /// summed (the paper's CNN + RN).
     Relation,
 }
 
