@@ -150,6 +150,15 @@ impl Server {
                 cfg.model_dir.display()
             )));
         }
+        // The batched decode runs every row at the same depth: a routed
+        // model's light path is not taken here, every request gets the full
+        // decoder (the answers `--router-off` gives in `autoglm eval`).
+        if assistant.model.router.is_some() {
+            tracing::warn!(
+                "{}: this model has a router; the server does not route, every request takes the full path",
+                cfg.model_dir.display()
+            );
+        }
         let encoder = match &cfg.embedding_model {
             Some(dir) => Some(Arc::new(SentenceEncoder::load(dir, &dev)?)),
             None => None,
