@@ -134,15 +134,21 @@ enum BenchCommand {
     LongInput(bench_long::LongArgs),
 }
 
-/// mimalloc keeps freed memory for reuse. glibc's malloc hands each large
-/// tensor to `mmap` and back, so every training step faulted in and zeroed
-/// its activations afresh: a relation network's forward and backward pass
-/// (64 × 625 pairs of width 256) took 2.0× as long under it
-/// (docs/benchmarks.md, "Training speed").
+/// mimalloc, told to keep what is freed (below). glibc's malloc hands each
+/// large tensor to `mmap` and back, so every training step faulted in and
+/// zeroed its activations afresh (docs/benchmarks.md, "Training speed").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (mimalloc.h; libmimalloc-sys names
+/// its neighbours, 14 and 16, but not it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> ExitCode {
+    // Never hand freed pages back to the OS: a training step frees and
+    // reallocates the same large activations every time.
+    // SAFETY: sets one option of the allocator; any value is valid.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     // Like other Unix tools, stop quietly when the reader of our output goes
     // away (`autoglm … | head`) instead of panicking on a broken pipe.
     #[cfg(unix)]

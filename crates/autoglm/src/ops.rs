@@ -158,6 +158,25 @@ impl CustomOp2 for BiasAct {
         unsafe { out.set_len(n) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+
+    /// For `Act::None` only (see [`bias_act`]): the input's gradient is the
+    /// output's, the bias's its column sums, taken as `1ᵀ·G`.
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.0 != Act::None {
+            candle_core::bail!("bias-act: no backward pass for {:?}", self.0)
+        }
+        let c = bias.elem_count();
+        let rows = grad.elem_count() / c.max(1);
+        let ones = Tensor::ones((1, rows), grad.dtype(), grad.device())?;
+        let db = ones.matmul(&grad.reshape((rows, c))?)?.reshape(c)?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
 }
 
 /// Whether any of `ts` takes part in a gradient computation (a variable, or
@@ -200,6 +219,14 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
         return Ok(x
             .contiguous()?
             .apply_op2_no_bwd(&bias.contiguous()?, &BiasAct(act))?);
+    }
+    // candle's backward of `broadcast_add` sums the bias's gradient over
+    // the leading dims with a division per element; the op's own backward
+    // takes it as one matrix-vector product.
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && act == Act::None {
+        return Ok(x
+            .contiguous()?
+            .apply_op2(&bias.contiguous()?, BiasAct(act))?);
     }
     let y = x.broadcast_add(bias)?;
     Ok(match act {
@@ -314,6 +341,29 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(err < 1e-5, "{err}");
+        Ok(())
+    }
+
+    /// With gradients, a bias add gives candle's `broadcast_add` gradients
+    /// for the input and the bias.
+    #[test]
+    fn bias_add_backward_matches_candle_ops() -> Result<()> {
+        let d = Device::Cpu;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 3.0, (7, 33, 40), &d)?)?;
+        let b = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, 40, &d)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (7, 33, 40), &d)?;
+        let ours = bias_act(x.as_tensor(), b.as_tensor(), Act::None)?;
+        let theirs = x.as_tensor().broadcast_add(b.as_tensor())?;
+        let g1 = (&ours * &probe)?.sum_all()?.backward()?;
+        let g2 = (&theirs * &probe)?.sum_all()?.backward()?;
+        for v in [&x, &b] {
+            let (a, w) = (
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            let err = (a - w)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(err < 1e-3, "{err}");
+        }
         Ok(())
     }
 

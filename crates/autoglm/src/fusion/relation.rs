@@ -67,21 +67,46 @@ impl RelationNetwork {
                 "relation network: {b} images of {n} objects need one question each, got {bq}"
             )));
         }
-        let left = self.left.forward(objects)?.unsqueeze(2)?; // (B, N, 1, H)
-        let right = self.right.forward(objects)?.unsqueeze(1)?; // (B, 1, N, H)
-        let q = self
-            .question
-            .forward(question)?
-            .unsqueeze(1)?
-            .unsqueeze(1)?; // (B, 1, 1, H)
-        let mut x = left.broadcast_add(&right)?.broadcast_add(&q)?.relu()?; // (B, N, N, H)
-        let h = x.dim(3)?;
-        x = x.reshape((b * n * n, h))?;
+        // Pair (i, j) is row i·N + j of `select` · [A·o; B·o; Q·q + b]:
+        // broadcasts written as products, whose backward passes are
+        // products too (candle sums a broadcast's gradient with a division
+        // per element).
+        let parts = Tensor::cat(
+            &[
+                self.left.forward(objects)?,
+                self.right.forward(objects)?,
+                self.question.forward(question)?.unsqueeze(1)?,
+            ],
+            1,
+        )?; // (B, 2N + 1, H)
+        let h = parts.dim(2)?;
+        let mut x = pair_select(n, objects.device())?
+            .broadcast_matmul(&parts)?
+            .relu()?
+            .reshape((b * n * n, h))?;
         for layer in &self.layers {
             x = layer.forward(&x)?.relu()?;
         }
-        Ok(x.reshape((b, n * n, h))?.sum(1)?)
+        let ones = Tensor::ones((1, n * n), x.dtype(), x.device())?;
+        Ok(ones
+            .broadcast_matmul(&x.reshape((b, n * n, h))?)?
+            .squeeze(1)?)
     }
+}
+
+/// (N², 2N + 1): row i·N + j has ones at columns i, N + j and 2N.
+fn pair_select(n: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let w = 2 * n + 1;
+    let mut m = vec![0f32; n * n * w];
+    for i in 0..n {
+        for j in 0..n {
+            let row = &mut m[(i * n + j) * w..(i * n + j + 1) * w];
+            row[i] = 1.0;
+            row[n + j] = 1.0;
+            row[2 * n] = 1.0;
+        }
+    }
+    Ok(Tensor::from_vec(m, (n * n, w), device)?)
 }
 
 #[cfg(test)]

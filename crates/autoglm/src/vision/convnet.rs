@@ -274,13 +274,13 @@ impl StridedConv {
             .index_select(&idx, 1)?
             .reshape((c * 9, b * ho * wo))?;
         let cout = self.weight.dim(0)?;
-        let y = self
-            .weight
-            .reshape((cout, c * 9))?
-            .matmul(&patches)?
-            .reshape((cout, b, ho, wo))?
-            .transpose(0, 1)?;
-        Ok(y.broadcast_add(&self.bias.reshape((1, cout, 1, 1))?)?)
+        // (B·ho·wo, out): the bias on the last dim, where its gradient is
+        // one matrix-vector product (`ops::bias_act`).
+        let y = patches
+            .t()?
+            .matmul(&self.weight.reshape((cout, c * 9))?.t()?)?;
+        let y = crate::ops::bias_act(&y, &self.bias, crate::ops::Act::None)?;
+        Ok(y.reshape((b, ho, wo, cout))?.permute((0, 3, 1, 2))?)
     }
 }
 
