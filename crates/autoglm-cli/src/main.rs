@@ -134,9 +134,11 @@ enum BenchCommand {
     LongInput(bench_long::LongArgs),
 }
 
-/// mimalloc, told to keep what is freed (below). glibc's malloc hands each
-/// large tensor to `mmap` and back, so every training step faulted in and
-/// zeroed its activations afresh (docs/benchmarks.md, "Training speed").
+/// mimalloc, told to keep what is freed (below). Tensors of many MB are
+/// allocated and freed at every training step; glibc's malloc hands those
+/// over its `mmap` threshold (32 MB at most) back to the kernel each time,
+/// so every step faulted in and zeroed its activations afresh
+/// (docs/benchmarks.md, "Training speed").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -155,16 +157,6 @@ fn main() -> ExitCode {
     // SAFETY: setting a signal disposition to the default, before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-    // Tensors of a few MB are allocated and freed at every step. glibc's
-    // defaults hand them back to the kernel each time (munmap, heap trim),
-    // so every step page-faults them in again: 15 % of a training step was
-    // page faults and zeroing. Keep freed memory for reuse instead.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only tunes the allocator; called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
     let cli = Cli::parse();
     // Benchmarks default to 2 threads, so that numbers compare across machines.
