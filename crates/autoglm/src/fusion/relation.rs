@@ -10,9 +10,9 @@
 //! instead of one per pair. Only the remaining layers run on all N² pairs.
 //! The pair outputs are summed, as in the paper. Their mean is the same
 //! function class, but not the same to train: one pair's signal is then
-//! 1/N² of `f`'s input, and Adam's small steps take thousands of updates to
-//! grow `f`'s weights enough to read it. With the mean, a Sort-of-CLEVR
-//! run stayed at the question prior for 1,500 steps (docs/benchmarks.md).
+//! 1/N² of `f`'s input, and `f`'s weights must grow by that much, in
+//! Adam's small steps, to read it. With the mean, a Sort-of-CLEVR run
+//! stayed at the question prior for 1,500 steps (docs/benchmarks.md).
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
