@@ -35,6 +35,12 @@ pub(crate) mod test_util {
             .unwrap()
     }
 
+    /// The summed magnitude of `t`'s gradient, `None` when none reached it.
+    pub fn grad_mass(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Option<f32> {
+        let g = grads.get(t)?;
+        Some(g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap())
+    }
+
     /// Sets the variable `name` of `vm`.
     pub fn set(vm: &VarMap, name: &str, value: Tensor) {
         vm.data().lock().unwrap()[name].set(&value).unwrap();

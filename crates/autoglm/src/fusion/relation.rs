@@ -240,16 +240,7 @@ mod tests {
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();
         assert_eq!(names.len(), 8, "{names:?}");
-        let nonzero = |t: &Tensor| {
-            let g = grads.get(t).expect("a gradient");
-            g.abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        };
+        let nonzero = |t: &Tensor| grad_mass(&grads, t).expect("a gradient") > 0.0;
         for name in names {
             assert!(nonzero(data[name].as_tensor()), "no gradient for {name}");
         }

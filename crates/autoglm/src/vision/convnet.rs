@@ -488,16 +488,7 @@ mod tests {
             "post_norm.weight",
         ] {
             let v = vm.data().lock().unwrap()[name].as_tensor().clone();
-            let g = grads
-                .get(&v)
-                .unwrap_or_else(|| panic!("no gradient for {name}"));
-            let n = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let n = grad_mass(&grads, &v).unwrap_or_else(|| panic!("no gradient for {name}"));
             assert!(n > 0.0, "{name}: zero gradient");
         }
     }
