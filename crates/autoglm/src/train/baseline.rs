@@ -32,6 +32,7 @@ use crate::fusion::relation::RelationNetwork;
 use crate::io::image::{load, ImageLimits};
 use crate::io::preprocess::{CropRounding, Preprocess, Resample};
 use crate::nn::{linear_b, Linear};
+use crate::ops::Act;
 use crate::text::lstm::Lstm;
 use crate::vision::convnet::{ConvNet, ConvNetConfig};
 use crate::{Error, Result};
@@ -48,6 +49,10 @@ fn d128() -> usize {
 
 fn d256() -> usize {
     256
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn d4() -> usize {
@@ -93,6 +98,10 @@ pub struct BaselineTrainConfig {
     /// Layers of `g` (with `"head": "relation"`).
     #[serde(default = "d4")]
     pub relation_layers: usize,
+    /// Layer-norm the relation network's sum over pairs before the answer
+    /// MLP (with `"head": "relation"`; see [`RelationNetwork`]).
+    #[serde(default = "yes")]
+    pub relation_norm: bool,
     pub steps: usize,
     pub batch_size: usize,
     pub peak_lr: f64,
@@ -164,6 +173,9 @@ pub struct BaselineConfig {
     pub relation_hidden: usize,
     #[serde(default = "d4")]
     pub relation_layers: usize,
+    /// Models saved before the norm have none.
+    #[serde(default)]
+    pub relation_norm: bool,
     /// Word ids are indices; 0 is every word not in the list.
     pub words: Vec<String>,
     pub answers: Vec<String>,
@@ -232,6 +244,7 @@ impl CnnLstm {
                 config.lstm_hidden,
                 config.relation_hidden,
                 config.relation_layers,
+                config.relation_norm,
             )?),
         };
         let joint = match config.head {
@@ -312,8 +325,8 @@ impl CnnLstm {
             Some(rn) => rn.forward(&cells, &question)?,
             None => Tensor::cat(&[&cells.flatten_from(1)?, &question], 1)?,
         };
-        let x = self.fc1.forward(&x)?.relu()?;
-        let x = self.fc2.forward(&x)?.relu()?;
+        let x = self.fc1.forward_act(&x, Act::Relu)?;
+        let x = self.fc2.forward_act(&x, Act::Relu)?;
         self.out.forward(&x)
     }
 
@@ -366,6 +379,7 @@ pub fn train_baseline(
         head: c.head,
         relation_hidden: c.relation_hidden,
         relation_layers: c.relation_layers,
+        relation_norm: c.relation_norm,
         words: vocab,
         answers,
     };
@@ -546,6 +560,7 @@ mod tests {
                 head,
                 relation_hidden: 8,
                 relation_layers: 2,
+                relation_norm: true,
                 words: ["<unk>", "what", "colour", "shape"]
                     .map(String::from)
                     .to_vec(),

@@ -1146,9 +1146,16 @@ pub fn init_weights(vm: &VarMap, seed: u64, std: Option<f64>) -> Result<()> {
         let is_norm = t.rank() == 1
             && (name.contains("norm") || name.contains("layrnorm"))
             && name.ends_with("weight");
-        // Biases and the tanh gates of gated cross-attention start at 0
-        // (a gated block starts as the identity).
-        let value = if name.ends_with("bias") || name.ends_with("_gate") {
+        // Biases (`*.bias`, and the LSTM's `bias_ih_l0`) and the tanh gates
+        // of gated cross-attention start at 0 (a gated block starts as the
+        // identity); the LSTM's forget gate starts open.
+        let is_bias = name
+            .rsplit('.')
+            .next()
+            .is_some_and(|s| s.starts_with("bias"));
+        let value = if name.ends_with(crate::text::lstm::FORGET_BIAS_NAME) {
+            crate::text::lstm::forget_bias(t)?
+        } else if is_bias || name.ends_with("_gate") {
             t.zeros_like()?
         } else if is_norm {
             t.ones_like()?

@@ -22,6 +22,7 @@ use candle_nn::{Module, VarBuilder};
 use crate::fusion::fpn::Fpn;
 use crate::fusion::gating::{FusionKind, LevelFusion};
 use crate::nn::{layer_norm, LayerNorm};
+use crate::ops::Act;
 use crate::{Error, Result};
 
 /// The resolved shape of a [`ConvNet`].
@@ -168,7 +169,7 @@ impl ConvNet {
         let mut x = pixels.clone();
         let mut out = Vec::with_capacity(self.convs.len());
         for conv in &self.convs {
-            x = conv.forward(&x)?.relu()?;
+            x = conv.forward_act(&x, Act::Relu)?;
             out.push(x.clone());
         }
         Ok(out)
@@ -252,7 +253,13 @@ impl StridedConv {
 
     /// # Shapes
     /// `x`: (B, C, H, W) → (B, out, ⌈H/2⌉, ⌈W/2⌉)
+    #[cfg(test)]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Act::None)
+    }
+
+    /// `act(conv(x))`, the activation fused with the bias.
+    fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
         let (hp, wp) = (h + 2, w + 2);
@@ -280,7 +287,7 @@ impl StridedConv {
         let y = patches
             .t()?
             .matmul(&self.weight.reshape((cout, c * 9))?.t()?)?;
-        let y = crate::ops::bias_act(&y, &self.bias, crate::ops::Act::None)?;
+        let y = crate::ops::bias_act(&y, &self.bias, act)?;
         Ok(y.reshape((b, ho, wo, cout))?.permute((0, 3, 1, 2))?)
     }
 }
