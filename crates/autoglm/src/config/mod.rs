@@ -263,6 +263,7 @@ impl ClipVisionConfig {
             image_size: self.image_size,
             fusion: self.feature_fusion,
             fpn: self.fpn,
+            norm: false,
         }
     }
 

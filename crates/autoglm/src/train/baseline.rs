@@ -84,6 +84,10 @@ pub struct BaselineTrainConfig {
     pub vision_hidden: usize,
     /// Stride-2 3×3 convolutions.
     pub vision_layers: usize,
+    /// Instance-norm each convolution's output (per image and channel,
+    /// before the ReLU) in place of its bias.
+    #[serde(default)]
+    pub vision_norm: bool,
     #[serde(default = "d128")]
     pub word_dim: usize,
     #[serde(default = "d128")]
@@ -122,6 +126,13 @@ pub struct BaselineTrainConfig {
 }
 
 impl BaselineTrainConfig {
+    fn conv(&self) -> ConvNetConfig {
+        ConvNetConfig {
+            norm: self.vision_norm,
+            ..ConvNetConfig::plain(self.vision_hidden, self.vision_layers, self.image_size)
+        }
+    }
+
     /// Refuses what cannot train, naming the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, why: String| -> Result<()> {
@@ -149,7 +160,7 @@ impl BaselineTrainConfig {
                 format!("{} is not a positive rate", self.peak_lr),
             );
         }
-        ConvNetConfig::plain(self.vision_hidden, self.vision_layers, self.image_size)
+        self.conv()
             .check()
             .or_else(|(field, why)| bad(ConvNetConfig::training_field(field), why))
     }
@@ -163,6 +174,9 @@ pub struct BaselineConfig {
     pub image_size: usize,
     pub vision_hidden: usize,
     pub vision_layers: usize,
+    /// Models saved before the option have no norm.
+    #[serde(default)]
+    pub vision_norm: bool,
     pub word_dim: usize,
     pub lstm_hidden: usize,
     pub mlp_hidden: usize,
@@ -183,7 +197,10 @@ pub struct BaselineConfig {
 
 impl BaselineConfig {
     fn conv(&self) -> ConvNetConfig {
-        ConvNetConfig::plain(self.vision_hidden, self.vision_layers, self.image_size)
+        ConvNetConfig {
+            norm: self.vision_norm,
+            ..ConvNetConfig::plain(self.vision_hidden, self.vision_layers, self.image_size)
+        }
     }
 
     /// The images as the encoder takes them: resized (never cropped) to
@@ -373,6 +390,7 @@ pub fn train_baseline(
         image_size: c.image_size,
         vision_hidden: c.vision_hidden,
         vision_layers: c.vision_layers,
+        vision_norm: c.vision_norm,
         word_dim: c.word_dim,
         lstm_hidden: c.lstm_hidden,
         mlp_hidden: c.mlp_hidden,
@@ -554,6 +572,7 @@ mod tests {
                 image_size: 16,
                 vision_hidden: 4,
                 vision_layers: 2,
+                vision_norm: head == Head::Relation,
                 word_dim: 6,
                 lstm_hidden: 5,
                 mlp_hidden: 7,
