@@ -1025,8 +1025,9 @@ fn decoder_cross_attention_trains_and_reloads() {
 /// The CNN + LSTM baseline, with either head (the MLP, the relation
 /// network), learns a task that needs both the image and the question (the
 /// colour of the picture; whether it is red; whether it is blue), saves a
-/// model that `evaluate_baseline` reloads and gets right, and refuses
-/// configs that cannot train, naming the field.
+/// model that `evaluate_baseline` reloads and gets right, continues a
+/// finished run with more steps, and refuses configs that cannot train,
+/// naming the field.
 #[test]
 fn cnn_lstm_baseline_learns_image_and_question() {
     use autoglm::train::baseline::{
@@ -1079,6 +1080,8 @@ fn cnn_lstm_baseline_learns_image_and_question() {
         let mut v = base.clone();
         v["head"] = head.into();
         v["relation_hidden"] = 32.into();
+        // The relation head with the instance-normed encoder.
+        v["vision_norm"] = (head == "relation").into();
         let cfg: BaselineTrainConfig = serde_json::from_value(v).unwrap();
         let mut losses = Vec::new();
         train_baseline(&cfg, out.path(), false, &mut |m| losses.push(m.loss)).unwrap();
@@ -1100,6 +1103,29 @@ fn cnn_lstm_baseline_learns_image_and_question() {
         assert_eq!(r.examples, 24);
         assert_eq!(r.accuracy, 1.0, "{head}: {:?}", r.per_type);
     }
+    // The relation run finished at step 400: more steps continue it; any
+    // other change is refused, naming the field.
+    let mut v = base.clone();
+    v["head"] = "relation".into();
+    v["relation_hidden"] = 32.into();
+    v["vision_norm"] = true.into();
+    v["steps"] = 420.into();
+    let cfg: BaselineTrainConfig = serde_json::from_value(v.clone()).unwrap();
+    let mut steps = Vec::new();
+    train_baseline(&cfg, out.path(), true, &mut |m| steps.push(m.step)).unwrap();
+    assert_eq!(steps, (401..=420).collect::<Vec<_>>());
+    assert_eq!(
+        evaluate_baseline(out.path(), &ex, &Device::Cpu)
+            .unwrap()
+            .accuracy,
+        1.0
+    );
+    v["peak_lr"] = 1e-2.into();
+    let cfg: BaselineTrainConfig = serde_json::from_value(v).unwrap();
+    let e = train_baseline(&cfg, out.path(), true, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot resume") && e.contains("peak_lr"), "{e}");
 
     let check = |patch: serde_json::Value, field: &str| {
         let mut v = base.clone();

@@ -408,13 +408,8 @@ pub fn train_baseline(
     let cfg_path = out.join("config.json");
     let train_cfg_path = out.join("train_config.json");
     if resume && train_cfg_path.exists() {
-        let before: BaselineTrainConfig = crate::io::read_json(&train_cfg_path)?;
-        if serde_json::to_value(&before).ok() != serde_json::to_value(c).ok() {
-            return Err(Error::Invalid(format!(
-                "--resume: {} differs from this config; resume with the same config or train into a new directory",
-                train_cfg_path.display()
-            )));
-        }
+        // More steps continue a finished run (the schedule stretches).
+        super::vqa::check_resume_config(&train_cfg_path, c)?;
     }
     let pretty = |v: serde_json::Result<String>| v.map_err(|e| Error::Invalid(e.to_string()));
     super::write_atomic(

@@ -408,7 +408,7 @@ fn held_out() -> usize {
 /// A resumed run must replay the same data, model and schedule shape as the
 /// run that wrote the checkpoint: only the length of the run and how often
 /// it evaluates and checkpoints may change.
-fn check_resume_config(saved: &Path, c: &VqaTrainConfig) -> Result<()> {
+pub(super) fn check_resume_config<C: serde::Serialize>(saved: &Path, c: &C) -> Result<()> {
     let mut old: serde_json::Value = crate::io::read_json(saved)?;
     let mut new = serde_json::to_value(c).map_err(|e| Error::Invalid(e.to_string()))?;
     let mut changed = Vec::new();
