@@ -6,9 +6,8 @@
 //! 6.1 ms against 8 ms for the matmul that produced the data. These kernels
 //! apply a bias and an activation in one parallel pass instead.
 //!
-//! Inference only (no backward), except [`relu`] and [`bias_act`] with
-//! `Act::None` or `Act::Relu`, whose backward passes are one pass each too.
-//! On other devices the same maths runs through candle's ops.
+//! Inference only (no backward). On other devices the same maths runs through
+//! candle's ops.
 
 use std::mem::MaybeUninit;
 
@@ -21,7 +20,6 @@ use crate::Result;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Act {
     None,
-    Relu,
     Relu6,
     /// Exact (erf) GELU.
     GeluErf,
@@ -153,7 +151,6 @@ impl CustomOp2 for BiasAct {
         let dst = &mut out.spare_capacity_mut()[..n];
         match self.0 {
             Act::None => bias_map(x, b, dst, |v| v),
-            Act::Relu => bias_map(x, b, dst, |v| v.max(0.0)),
             Act::Relu6 => bias_map(x, b, dst, |v| v.clamp(0.0, 6.0)),
             Act::GeluErf => bias_map(x, b, dst, gelu_erf),
         }
@@ -162,26 +159,23 @@ impl CustomOp2 for BiasAct {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    /// For `Act::None` and `Act::Relu` only (see [`bias_act`]): the
-    /// input's gradient is the output's (where the output is positive, for
-    /// ReLU), the bias's its column sums, taken as `1ᵀ·G`.
+    /// For `Act::None` only (see [`bias_act`]): the input's gradient is the
+    /// output's, the bias's its column sums, taken as `1ᵀ·G`.
     fn bwd(
         &self,
         _x: &Tensor,
         bias: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = match self.0 {
-            Act::None => grad.clone(),
-            Act::Relu => relu_grad(grad, res)?,
-            _ => candle_core::bail!("bias-act: no backward pass for {:?}", self.0),
-        };
+        if self.0 != Act::None {
+            candle_core::bail!("bias-act: no backward pass for {:?}", self.0)
+        }
         let c = bias.elem_count();
-        let rows = dx.elem_count() / c.max(1);
-        let ones = Tensor::ones((1, rows), dx.dtype(), dx.device())?;
-        let db = ones.matmul(&dx.reshape((rows, c))?)?.reshape(c)?;
-        Ok((Some(dx), Some(db)))
+        let rows = grad.elem_count() / c.max(1);
+        let ones = Tensor::ones((1, rows), grad.dtype(), grad.device())?;
+        let db = ones.matmul(&grad.reshape((rows, c))?)?.reshape(c)?;
+        Ok((Some(grad.clone()), Some(db)))
     }
 }
 
@@ -228,11 +222,8 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
     }
     // candle's backward of `broadcast_add` sums the bias's gradient over
     // the leading dims with a division per element; the op's own backward
-    // takes it as one matrix-vector product (and masks ReLU's in one pass).
-    if x.device().is_cpu()
-        && x.dtype() == candle_core::DType::F32
-        && matches!(act, Act::None | Act::Relu)
-    {
+    // takes it as one matrix-vector product.
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && act == Act::None {
         return Ok(x
             .contiguous()?
             .apply_op2(&bias.contiguous()?, BiasAct(act))?);
@@ -240,100 +231,9 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
     let y = x.broadcast_add(bias)?;
     Ok(match act {
         Act::None => y,
-        Act::Relu => y.relu()?,
         Act::Relu6 => y.relu()?.minimum(6f32)?,
         Act::GeluErf => y.gelu_erf()?,
     })
-}
-
-/// `g` where `y > 0`, else 0: ReLU's backward from its output `y`.
-struct ReluMask;
-
-impl CustomOp2 for ReluMask {
-    fn name(&self) -> &'static str {
-        "relu-mask"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, y) = f32_pair(self.name(), s1, l1, s2, l2)?;
-        if l1.shape() != l2.shape() {
-            candle_core::bail!(
-                "relu-mask: shapes {:?} and {:?} differ",
-                l1.dims(),
-                l2.dims()
-            )
-        }
-        Ok((
-            CpuStorage::F32(zip_map(g, y, |g, y| if y > 0.0 { g } else { 0.0 })),
-            l1.shape().clone(),
-        ))
-    }
-}
-
-/// `f(a[i], b[i])` for every i, in parallel chunks.
-fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Copy) -> Vec<f32> {
-    let n = a.len();
-    let mut out: Vec<f32> = Vec::with_capacity(n);
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(16384)
-        .zip(a.par_chunks(16384).zip(b.par_chunks(16384)))
-        .for_each(|(o, (a, b))| {
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                o.write(f(a, b));
-            }
-        });
-    // SAFETY: every value was written above.
-    unsafe { out.set_len(n) };
-    out
-}
-
-/// ReLU's input gradient from its output `y` and the output's gradient.
-fn relu_grad(grad: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-    if grad.device().is_cpu() && grad.dtype() == candle_core::DType::F32 {
-        return grad
-            .contiguous()?
-            .apply_op2_no_bwd(&y.contiguous()?, &ReluMask);
-    }
-    grad * y.gt(0f64)?.to_dtype(grad.dtype())?
-}
-
-/// `max(x, 0)` with a one-pass backward.
-struct Relu;
-
-impl candle_core::CustomOp1 for Relu {
-    fn name(&self) -> &'static str {
-        "relu"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(x), Some((a, b))) => &x[a..b],
-            _ => candle_core::bail!("relu: needs a contiguous f32 tensor"),
-        };
-        Ok((
-            CpuStorage::F32(zip_map(x, x, |v, _| v.max(0.0))),
-            l.shape().clone(),
-        ))
-    }
-
-    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(relu_grad(grad, res)?))
-    }
-}
-
-/// `max(x, 0)`. candle's ReLU backward takes six passes over the tensor
-/// (zeros, a comparison, a cast, a product, a sum); this one takes one.
-pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        return Ok(x.contiguous()?.apply_op1(Relu)?);
-    }
-    Ok(x.relu()?)
 }
 
 struct SiluMul;
@@ -427,47 +327,6 @@ mod tests {
                 erf_f32(x)
             );
         }
-    }
-
-    /// The fused ReLU and bias + ReLU: the same values and gradients as
-    /// candle's ops. At exactly 0 the gradient is 0, as in PyTorch
-    /// (candle passes it).
-    #[test]
-    fn relu_matches_candle_ops_forward_and_backward() -> Result<()> {
-        let d = Device::Cpu;
-        let at = candle_core::Var::new(&[-1f32, 0.0, 2.0], &d)?;
-        let g = relu(at.as_tensor())?.sum_all()?.backward()?;
-        assert_eq!(
-            g.get(at.as_tensor()).unwrap().to_vec1::<f32>()?,
-            [0.0, 0.0, 1.0]
-        );
-
-        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 19), &d)?)?;
-        let b = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, 19, &d)?)?;
-        let probe = Tensor::randn(0f32, 1.0, (37, 19), &d)?;
-        let cases: [(Tensor, Tensor); 2] = [
-            (relu(x.as_tensor())?, x.as_tensor().relu()?),
-            (
-                bias_act(x.as_tensor(), b.as_tensor(), Act::Relu)?,
-                x.as_tensor().broadcast_add(b.as_tensor())?.relu()?,
-            ),
-        ];
-        for (ours, theirs) in cases {
-            assert_eq!(ours.to_vec2::<f32>()?, theirs.to_vec2::<f32>()?);
-            let g1 = (&ours * &probe)?.sum_all()?.backward()?;
-            let g2 = (&theirs * &probe)?.sum_all()?.backward()?;
-            for v in [x.as_tensor(), b.as_tensor()] {
-                match (g1.get(v), g2.get(v)) {
-                    (Some(a), Some(b)) => {
-                        let err = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                        assert!(err < 1e-5, "gradient differs by {err}");
-                    }
-                    (None, None) => {}
-                    _ => panic!("one of the two has a gradient, the other none"),
-                }
-            }
-        }
-        Ok(())
     }
 
     #[test]

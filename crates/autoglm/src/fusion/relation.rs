@@ -25,7 +25,6 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use crate::nn::{layer_norm, linear_b, LayerNorm, Linear};
-use crate::ops::Act;
 use crate::{Error, Result};
 
 /// Weight names: `g.0.left`, `g.0.right` (no bias), `g.0.question`, then
@@ -94,13 +93,12 @@ impl RelationNetwork {
             1,
         )?; // (B, 2N + 1, H)
         let h = parts.dim(2)?;
-        let mut x = crate::ops::relu(
-            &pair_select(n, objects.device())?
-                .broadcast_matmul(&parts)?
-                .reshape((b * n * n, h))?,
-        )?;
+        let mut x = pair_select(n, objects.device())?
+            .broadcast_matmul(&parts)?
+            .relu()?
+            .reshape((b * n * n, h))?;
         for layer in &self.layers {
-            x = layer.forward_act(&x, Act::Relu)?;
+            x = layer.forward(&x)?.relu()?;
         }
         let ones = Tensor::ones((1, n * n), x.dtype(), x.device())?;
         let sum = ones

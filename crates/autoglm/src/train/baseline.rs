@@ -32,7 +32,6 @@ use crate::fusion::relation::RelationNetwork;
 use crate::io::image::{load, ImageLimits};
 use crate::io::preprocess::{CropRounding, Preprocess, Resample};
 use crate::nn::{linear_b, Linear};
-use crate::ops::Act;
 use crate::text::lstm::Lstm;
 use crate::vision::convnet::{ConvNet, ConvNetConfig};
 use crate::{Error, Result};
@@ -342,8 +341,8 @@ impl CnnLstm {
             Some(rn) => rn.forward(&cells, &question)?,
             None => Tensor::cat(&[&cells.flatten_from(1)?, &question], 1)?,
         };
-        let x = self.fc1.forward_act(&x, Act::Relu)?;
-        let x = self.fc2.forward_act(&x, Act::Relu)?;
+        let x = self.fc1.forward(&x)?.relu()?;
+        let x = self.fc2.forward(&x)?.relu()?;
         self.out.forward(&x)
     }
 
