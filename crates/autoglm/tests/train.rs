@@ -1111,9 +1111,25 @@ fn cnn_lstm_baseline_learns_image_and_question() {
     v["vision_norm"] = true.into();
     v["steps"] = 420.into();
     let cfg: BaselineTrainConfig = serde_json::from_value(v.clone()).unwrap();
+    // As if a run had been killed after logging steps past its checkpoint,
+    // mid-line: those lines go, and the steps run again.
+    let metrics = out.path().join("metrics.jsonl");
+    let mut log = std::fs::read_to_string(&metrics).unwrap();
+    log.push_str("{\"step\":401,\"loss\":9.0}\n{\"step\":402,\"lo");
+    std::fs::write(&metrics, log).unwrap();
     let mut steps = Vec::new();
     train_baseline(&cfg, out.path(), true, &mut |m| steps.push(m.step)).unwrap();
     assert_eq!(steps, (401..=420).collect::<Vec<_>>());
+    let logged: Vec<u64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(logged, (1..=420).collect::<Vec<u64>>());
     assert_eq!(
         evaluate_baseline(out.path(), &ex, &Device::Cpu)
             .unwrap()

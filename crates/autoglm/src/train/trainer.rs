@@ -151,6 +151,34 @@ impl Trainer {
         Ok(true)
     }
 
+    /// Keeps the lines of `metrics.jsonl` up to the current step, and drops
+    /// a line torn by a kill: a fresh run starts an empty log, a resumed
+    /// one drops what a killed run logged after its checkpoint (those
+    /// steps run again).
+    fn truncate_metrics(&self) -> Result<()> {
+        let path = self.out.join("metrics.jsonl");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= self.step)
+            })
+            .collect();
+        if kept.len() == text.lines().count() {
+            return Ok(());
+        }
+        let mut out = kept.join("\n");
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        super::checkpoint::write_atomic(&path, out.as_bytes())
+    }
+
     fn save(&self, varmap: &VarMap) -> Result<()> {
         let weights = varmap_tensors(varmap)?;
         let meta = Checkpoint {
@@ -172,6 +200,7 @@ impl Trainer {
         eval: &mut dyn FnMut(usize) -> Result<serde_json::Value>,
         on_step: &mut dyn FnMut(&Metrics),
     ) -> Result<()> {
+        self.truncate_metrics()?;
         let path = self.out.join("metrics.jsonl");
         let mut log = std::fs::OpenOptions::new()
             .create(true)
