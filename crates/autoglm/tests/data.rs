@@ -138,6 +138,7 @@ fn loader_reports_unreadable_images_and_keeps_going() {
         image: image.to_path_buf(),
         question: "q".into(),
         answer: "a".into(),
+        kind: None,
     };
     let data = vec![ex(&good), ex(&broken), ex(&good)];
     let l = Loader::new(

@@ -58,6 +58,7 @@ pub fn load(dir: &Path, split: &str) -> Result<(Vec<VqaExample>, LoadReport)> {
                 image,
                 question,
                 answer,
+                kind: None,
             }),
         }
     }

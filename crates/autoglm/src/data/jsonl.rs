@@ -1,6 +1,7 @@
 //! The JSON-lines VQA format users train on: one object per line,
-//! `{"image": path, "question": …, "answer": …}`, image paths relative to
-//! the file's directory unless absolute. Bad rows are counted and reported
+//! `{"image": path, "question": …, "answer": …}` (and optionally `"type"`,
+//! the question's type), image paths relative to the file's directory
+//! unless absolute. Bad rows are counted and reported
 //! with their line numbers; they are fatal only when the caller asks.
 
 use std::io::{BufRead, Write};
@@ -14,6 +15,8 @@ struct Row {
     image: Option<String>,
     question: Option<String>,
     answer: Option<serde_json::Value>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
 }
 
 /// Reads `path`. With `strict`, the first bad row is an error. Each image
@@ -84,6 +87,7 @@ fn parse(line: &str, base: &Path) -> std::result::Result<VqaExample, String> {
         image: path,
         question,
         answer,
+        kind: row.kind.filter(|k| !k.trim().is_empty()),
     })
 }
 
@@ -94,7 +98,10 @@ pub fn save(path: &Path, examples: &[VqaExample]) -> Result<()> {
         let mut f =
             std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
         for ex in examples {
-            let line = serde_json::json!({"image": ex.image, "question": ex.question, "answer": ex.answer});
+            let mut line = serde_json::json!({"image": ex.image, "question": ex.question, "answer": ex.answer});
+            if let Some(kind) = &ex.kind {
+                line["type"] = kind.as_str().into();
+            }
             writeln!(f, "{line}").map_err(|e| Error::io(&tmp, e))?;
         }
         let f = f

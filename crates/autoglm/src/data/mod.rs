@@ -16,6 +16,10 @@ pub struct VqaExample {
     pub image: PathBuf,
     pub question: String,
     pub answer: String,
+    /// The question's type, where the data names one (the JSON lines'
+    /// `type`, as Sort-of-CLEVR's have): evaluation reports accuracy per
+    /// type, and by the kind of answer without one.
+    pub kind: Option<String>,
 }
 
 /// A row that could not be used, and why.

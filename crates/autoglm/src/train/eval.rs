@@ -12,13 +12,14 @@ use crate::io::image::{load, ImageLimits};
 use crate::text::generate::GenerateConfig;
 use crate::Result;
 
-/// Exact-match accuracy of a model on examples, overall and per answer kind
-/// (yes/no, color, shape, other), with the confusion matrix of the answers.
+/// Exact-match accuracy of a model on examples, overall and per question
+/// type (the data's own, else the kind of answer: yes/no, color, shape,
+/// other), with the confusion matrix of the answers.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EvalReport {
     pub examples: usize,
     pub accuracy: f64,
-    /// kind → (examples, accuracy)
+    /// type → (examples, accuracy)
     pub per_type: std::collections::BTreeMap<String, (usize, f64)>,
     pub confusion: Confusion,
     pub seconds: f64,
@@ -47,9 +48,11 @@ impl EvalReport {
         for (e, ans) in examples.iter().zip(answers) {
             let ok = ans.trim() == e.answer.trim();
             correct += usize::from(ok);
-            let entry = per
-                .entry(answer_kind(e.answer.trim()).to_string())
-                .or_default();
+            let kind = match &e.kind {
+                Some(k) => k.clone(),
+                None => answer_kind(e.answer.trim()).to_string(),
+            };
+            let entry = per.entry(kind).or_default();
             entry.0 += 1;
             entry.1 += usize::from(ok);
         }
@@ -236,4 +239,37 @@ pub fn evaluate(
         t0.elapsed().as_secs_f64(),
         routes,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accuracy per the data's question type where it names one, per the
+    /// kind of answer where it does not.
+    #[test]
+    fn per_type_uses_the_question_type_when_given() {
+        let ex = |answer: &str, kind: Option<&str>| VqaExample {
+            image: "x.png".into(),
+            question: "q".into(),
+            answer: answer.into(),
+            kind: kind.map(String::from),
+        };
+        let examples = [
+            ex("circle", Some("closest")),
+            ex("square", Some("closest")),
+            ex("3", Some("count")),
+            ex("yes", None),
+        ];
+        let answers = ["circle", "circle", "3", "no"].map(String::from);
+        let r = EvalReport::new(&examples, &answers, &[1.0; 4], 1.0, None);
+        let want: std::collections::BTreeMap<String, (usize, f64)> = [
+            ("closest".to_string(), (2, 0.5)),
+            ("count".to_string(), (1, 1.0)),
+            ("yes/no".to_string(), (1, 0.0)),
+        ]
+        .into();
+        assert_eq!(r.per_type, want);
+        assert_eq!(r.accuracy, 0.5);
+    }
 }
