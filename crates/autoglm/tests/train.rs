@@ -1114,6 +1114,16 @@ fn cnn_lstm_baseline_learns_image_and_question() {
     // As if a run had been killed after logging steps past its checkpoint,
     // mid-line: those lines go, and the steps run again.
     let metrics = out.path().join("metrics.jsonl");
+    // A run saved before a field existed: absent is its default, no change.
+    let saved = out.path().join("train_config.json");
+    let mut old: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    assert!(old
+        .as_object_mut()
+        .unwrap()
+        .remove("max_train_examples")
+        .is_some());
+    std::fs::write(&saved, old.to_string()).unwrap();
     let mut log = std::fs::read_to_string(&metrics).unwrap();
     log.push_str("{\"step\":401,\"loss\":9.0}\n{\"step\":402,\"lo");
     std::fs::write(&metrics, log).unwrap();

@@ -16,11 +16,12 @@ pub const FORGET_BIAS_NAME: &str = "bias_hh_l0";
 /// A bias of shape (4H) that is 1 on the forget gate and 0 elsewhere
 /// (Jozefowicz et al. 2015). With 0, the forget gate starts at σ(0) = ½
 /// and a word k steps before the end reaches the last state scaled by
-/// about 2⁻ᵏ: "Is the green object on the left or right of the image?"
-/// keeps its colour 8 words back, and the Sort-of-CLEVR baseline learned
-/// those questions slowest. σ(1) ≈ 0.73 keeps 8 steps at 8 % instead of
-/// 0.4 %. (Before, both biases drew from N(0, 1), as if weights of one
-/// input: their names do not end in `bias`.)
+/// about 2⁻ᵏ at first: "Is the green object on the left or right of the
+/// image?" names its colour 8 words before the end. σ(1) ≈ 0.73 keeps 8
+/// steps at 8 % instead of 0.4 %. (Before, both biases drew from N(0, 1),
+/// as if weights of one input: their names do not end in `bias`. On
+/// Sort-of-CLEVR the change did not move the loss curve of the first 1,500
+/// steps; docs/benchmarks.md.)
 pub fn forget_bias(like: &Tensor) -> Result<Tensor> {
     let n = like.elem_count();
     if like.rank() != 1 || n % 4 != 0 {

@@ -50,10 +50,6 @@ fn d256() -> usize {
     256
 }
 
-fn yes() -> bool {
-    true
-}
-
 fn d4() -> usize {
     4
 }
@@ -101,10 +97,6 @@ pub struct BaselineTrainConfig {
     /// Layers of `g` (with `"head": "relation"`).
     #[serde(default = "d4")]
     pub relation_layers: usize,
-    /// Layer-norm the relation network's sum over pairs before the answer
-    /// MLP (with `"head": "relation"`; see [`RelationNetwork`]).
-    #[serde(default = "yes")]
-    pub relation_norm: bool,
     pub steps: usize,
     pub batch_size: usize,
     pub peak_lr: f64,
@@ -186,9 +178,6 @@ pub struct BaselineConfig {
     pub relation_hidden: usize,
     #[serde(default = "d4")]
     pub relation_layers: usize,
-    /// Models saved before the norm have none.
-    #[serde(default)]
-    pub relation_norm: bool,
     /// Word ids are indices; 0 is every word not in the list.
     pub words: Vec<String>,
     pub answers: Vec<String>,
@@ -260,7 +249,6 @@ impl CnnLstm {
                 config.lstm_hidden,
                 config.relation_hidden,
                 config.relation_layers,
-                config.relation_norm,
             )?),
         };
         let joint = match config.head {
@@ -396,7 +384,6 @@ pub fn train_baseline(
         head: c.head,
         relation_hidden: c.relation_hidden,
         relation_layers: c.relation_layers,
-        relation_norm: c.relation_norm,
         words: vocab,
         answers,
     };
@@ -573,7 +560,6 @@ mod tests {
                 head,
                 relation_hidden: 8,
                 relation_layers: 2,
-                relation_norm: true,
                 words: ["<unk>", "what", "colour", "shape"]
                     .map(String::from)
                     .to_vec(),

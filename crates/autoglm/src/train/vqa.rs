@@ -407,9 +407,15 @@ fn held_out() -> usize {
 
 /// A resumed run must replay the same data, model and schedule shape as the
 /// run that wrote the checkpoint: only the length of the run and how often
-/// it evaluates and checkpoints may change.
-pub(super) fn check_resume_config<C: serde::Serialize>(saved: &Path, c: &C) -> Result<()> {
-    let mut old: serde_json::Value = crate::io::read_json(saved)?;
+/// it evaluates and checkpoints may change. The saved config is read as
+/// this version reads it, so a field added since (at its default) is no
+/// change.
+pub(super) fn check_resume_config<C>(saved: &Path, c: &C) -> Result<()>
+where
+    C: serde::Serialize + serde::de::DeserializeOwned,
+{
+    let old: C = crate::io::read_json(saved)?;
+    let mut old = serde_json::to_value(old).map_err(|e| Error::Invalid(e.to_string()))?;
     let mut new = serde_json::to_value(c).map_err(|e| Error::Invalid(e.to_string()))?;
     let mut changed = Vec::new();
     if let (Some(o), Some(n)) = (old.as_object_mut(), new.as_object_mut()) {
