@@ -19,9 +19,8 @@ pub const FORGET_BIAS_NAME: &str = "bias_hh_l0";
 /// about 2⁻ᵏ at first: "Is the green object on the left or right of the
 /// image?" names its colour 8 words before the end. σ(1) ≈ 0.73 keeps 8
 /// steps at 8 % instead of 0.4 %. (Before, both biases drew from N(0, 1),
-/// as if weights of one input: their names do not end in `bias`. On
-/// Sort-of-CLEVR the change did not move the loss curve of the first 1,500
-/// steps; docs/benchmarks.md.)
+/// as if weights of one input: their names do not end in `bias`. Its
+/// effect on Sort-of-CLEVR is not measured on its own; docs/benchmarks.md.)
 pub fn forget_bias(like: &Tensor) -> Result<Tensor> {
     let n = like.elem_count();
     if like.rank() != 1 || n % 4 != 0 {
