@@ -116,12 +116,23 @@ pub struct BaselineTrainConfig {
     pub max_train_examples: usize,
 }
 
+/// The encoder that the `vision_*` fields and `image_size` describe, in
+/// the training config and in the saved one alike.
+fn conv_config(channels: usize, layers: usize, image_size: usize, norm: bool) -> ConvNetConfig {
+    ConvNetConfig {
+        norm,
+        ..ConvNetConfig::plain(channels, layers, image_size)
+    }
+}
+
 impl BaselineTrainConfig {
     fn conv(&self) -> ConvNetConfig {
-        ConvNetConfig {
-            norm: self.vision_norm,
-            ..ConvNetConfig::plain(self.vision_hidden, self.vision_layers, self.image_size)
-        }
+        conv_config(
+            self.vision_hidden,
+            self.vision_layers,
+            self.image_size,
+            self.vision_norm,
+        )
     }
 
     /// Refuses what cannot train, naming the field.
@@ -185,10 +196,12 @@ pub struct BaselineConfig {
 
 impl BaselineConfig {
     fn conv(&self) -> ConvNetConfig {
-        ConvNetConfig {
-            norm: self.vision_norm,
-            ..ConvNetConfig::plain(self.vision_hidden, self.vision_layers, self.image_size)
-        }
+        conv_config(
+            self.vision_hidden,
+            self.vision_layers,
+            self.image_size,
+            self.vision_norm,
+        )
     }
 
     /// The images as the encoder takes them: resized (never cropped) to
