@@ -1084,7 +1084,22 @@ fn cnn_lstm_baseline_learns_image_and_question() {
         v["vision_norm"] = (head == "relation").into();
         let cfg: BaselineTrainConfig = serde_json::from_value(v).unwrap();
         let mut losses = Vec::new();
-        train_baseline(&cfg, out.path(), false, &mut |m| losses.push(m.loss)).unwrap();
+        // The relation run starts fresh where the MLP run finished: the
+        // MLP's model and checkpoint are gone before its first step, so a
+        // `--resume` after a kill cannot load them.
+        let stale = ["model.safetensors", "checkpoint.safetensors"].map(|f| out.path().join(f));
+        let mut left = Vec::new();
+        train_baseline(&cfg, out.path(), false, &mut |m| {
+            if m.step == 1 {
+                left.extend(stale.iter().filter(|p| p.exists()).cloned());
+            }
+            losses.push(m.loss)
+        })
+        .unwrap();
+        assert!(
+            left.is_empty(),
+            "{head}: an earlier run's files at step 1: {left:?}"
+        );
         assert!(
             losses[losses.len() - 1] < 0.1 * losses[0],
             "{head}: the loss did not fall: {:?} → {:?}",

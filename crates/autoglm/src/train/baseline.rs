@@ -401,8 +401,7 @@ pub fn train_baseline(
         answers,
     };
     if !resume {
-        // A previous model here no longer matches the files written below.
-        let _ = std::fs::remove_file(out.join("model.safetensors"));
+        super::trainer::clear_previous_run(out)?;
     }
     let cfg_path = out.join("config.json");
     let train_cfg_path = out.join("train_config.json");

@@ -95,6 +95,21 @@ pub struct Trainer {
     pub step: usize,
 }
 
+/// Clears what an earlier run left in `out` before a fresh (not resumed)
+/// run: its model no longer matches the files the new run writes, and a
+/// `--resume` before the new run's first checkpoint would otherwise load
+/// the old run's weights.
+pub fn clear_previous_run(out: &Path) -> Result<()> {
+    for name in ["model.safetensors", "checkpoint.safetensors"] {
+        let path = out.join(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&path, e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl Trainer {
     /// Trains the variables of `varmap` whose names are not frozen; writes
     /// into `out` (created): `metrics.jsonl`, `checkpoint.safetensors`.

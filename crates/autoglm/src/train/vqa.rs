@@ -607,8 +607,7 @@ pub fn train_vqa(
         check_resume_config(&cfg_path, c)?;
     }
     if !resume {
-        // A previous model here no longer matches the files written below.
-        let _ = std::fs::remove_file(out.join("model.safetensors"));
+        super::trainer::clear_previous_run(out)?;
     }
     write(
         &cfg_path,
