@@ -229,3 +229,59 @@ fn batched_answer_logits_match_one_example_at_a_time() {
         at += n;
     }
 }
+
+/// The patched candle-core backward (`third_party/candle-core`: the first
+/// gradient to reach a tensor is stored, later ones added) against
+/// derivatives worked by hand: a tensor read by several ops (fan-in), by
+/// both sides of one op, on the subtracted side, through a transpose
+/// (a non-contiguous gradient) and through a broadcast.
+#[test]
+fn backward_sums_every_path_to_a_tensor() {
+    let xv = [[1f32, -2., 3.], [4., 5., -6.]];
+    let wv = [[1f32, 2.], [3., 4.], [5., 6.]];
+    let sv = [0.5f32, -1.5, 2.];
+    let x = Var::new(&xv, &Device::Cpu).unwrap();
+    let w = Var::new(&wv, &Device::Cpu).unwrap();
+    let s = Var::new(&sv, &Device::Cpu).unwrap();
+    // sum(x·w) + sum(x ∘ x) − sum(relu(x)) + sum(−x) + sum(x ∘ s) + sum(xᵀ)
+    let terms = [
+        x.matmul(&w).unwrap(),
+        (x.as_tensor() * x.as_tensor()).unwrap(),
+        x.relu().unwrap().neg().unwrap(),
+        x.neg().unwrap(),
+        x.broadcast_mul(&s).unwrap(),
+        x.t().unwrap(),
+    ];
+    let mut total = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+    for (i, t) in terms.iter().enumerate() {
+        let t = t.sum_all().unwrap();
+        // Subtract one term so that `Sub`'s right-hand rule is exercised.
+        total = if i == 2 {
+            (total - t.neg().unwrap()).unwrap()
+        } else {
+            (total + t).unwrap()
+        };
+    }
+    let g = total.backward().unwrap();
+    let got = |v: &Var| -> Vec<f32> {
+        g.get(v)
+            .expect("a gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let mut dx = Vec::new();
+    for row in xv {
+        for (k, &v) in row.iter().enumerate() {
+            let relu = if v >= 0.0 { 1.0 } else { 0.0 };
+            dx.push(wv[k][0] + wv[k][1] + 2.0 * v - relu - 1.0 + sv[k] + 1.0);
+        }
+    }
+    let col = |k: usize| xv[0][k] + xv[1][k];
+    let dw: Vec<f32> = (0..3).flat_map(|k| [col(k), col(k)]).collect();
+    let ds: Vec<f32> = (0..3).map(col).collect();
+    assert_eq!(got(&x), dx, "d/dx");
+    assert_eq!(got(&w), dw, "d/dw");
+    assert_eq!(got(&s), ds, "d/ds");
+}
