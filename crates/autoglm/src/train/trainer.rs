@@ -95,12 +95,15 @@ pub struct Trainer {
     pub step: usize,
 }
 
+/// The checkpoint's file name in a run's directory.
+const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
 /// Clears what an earlier run left in `out` before a fresh (not resumed)
 /// run: its model no longer matches the files the new run writes, and a
 /// `--resume` before the new run's first checkpoint would otherwise load
 /// the old run's weights.
 pub fn clear_previous_run(out: &Path) -> Result<()> {
-    for name in ["model.safetensors", "checkpoint.safetensors"] {
+    for name in ["model.safetensors", CHECKPOINT_FILE] {
         let path = out.join(name);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&path, e)),
@@ -149,7 +152,7 @@ impl Trainer {
     }
 
     pub fn checkpoint_path(&self) -> PathBuf {
-        self.out.join("checkpoint.safetensors")
+        self.out.join(CHECKPOINT_FILE)
     }
 
     /// Continues from `out/checkpoint.safetensors` if there is one; returns
