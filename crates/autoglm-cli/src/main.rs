@@ -132,6 +132,10 @@ enum BenchCommand {
     /// Time to read one long input (2,048 positions by default): a dense
     /// decoder, the same with top-k sparse attention, and an LSTM.
     LongInput(bench_long::LongArgs),
+    /// Accuracy and time on long inputs: trains a dense decoder and an LSTM
+    /// on multi-query associative recall, then reads 2,048-token prompts
+    /// densely, with top-k and block top-k attention, and with the LSTM.
+    LongRecall(bench_long::RecallArgs),
 }
 
 /// mimalloc, told to keep what is freed (below). Tensors of many MB are
@@ -220,6 +224,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::LongInput(a),
         } => bench_long::long_input(g, a),
+        Command::Bench {
+            command: BenchCommand::LongRecall(a),
+        } => bench_long::long_recall(g, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,6 +13,7 @@ pub mod eval;
 mod images;
 pub mod optim;
 pub mod plot;
+pub mod recall;
 pub mod schedule;
 pub mod trainer;
 pub mod vqa;
