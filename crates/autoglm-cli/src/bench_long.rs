@@ -191,6 +191,14 @@ pub struct RecallArgs {
     /// Skip the LSTM (it trains slowly: one step per position).
     #[arg(long)]
     no_lstm: bool,
+    /// Write the trained readers' weights here (`decoder.safetensors`,
+    /// `lstm.safetensors`).
+    #[arg(long)]
+    save: Option<std::path::PathBuf>,
+    /// Read the readers' weights from a `--save` directory of a run with
+    /// the same task and sizes instead of training.
+    #[arg(long)]
+    load: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -250,6 +258,8 @@ pub fn long_recall(g: &Global, a: RecallArgs) -> Result<()> {
         .validate()
         .context("--eval-tokens / --pairs / --keys / --values")?;
     let vocab = train_task.vocab();
+    // Each set from a generator of its own seed: training `seed`, the
+    // test-length training `seed + 1`, the tests `seed + 1e6` and `+ 2e6`.
     let test = eval_task.examples(a.eval_examples, a.seed.wrapping_add(1_000_000));
     let training = RecallTraining {
         steps: a.steps,
@@ -281,22 +291,58 @@ pub fn long_recall(g: &Global, a: RecallArgs) -> Result<()> {
 
     // Trains at the training length, then (with --long-steps) at the test
     // length.
+    // Or reads the weights of an earlier run; writes them with --save.
     let fit = |reader: &Reader, vm: &VarMap, name: &'static str| -> Result<f64> {
+        let file = format!("{name}.safetensors");
+        if let Some(dir) = &a.load {
+            let path = dir.join(&file);
+            let mut vm = vm.clone();
+            vm.load(&path).with_context(|| {
+                format!(
+                    "reading {} (written by --save with the same task and sizes)",
+                    path.display()
+                )
+            })?;
+            return Ok(0.0);
+        }
         let start = Instant::now();
         train(reader, vm, &train_task, &training, log(name))?;
         if a.long_steps > 0 {
             train(reader, vm, &eval_task, &long_training, log(name))?;
         }
-        Ok(start.elapsed().as_secs_f64())
+        let seconds = start.elapsed().as_secs_f64();
+        if let Some(dir) = &a.save {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            autoglm::train::save_safetensors_atomic(
+                &dir.join(&file),
+                &autoglm::train::varmap_tensors(vm)?,
+            )?;
+        }
+        Ok(seconds)
     };
 
     // The dense decoder is trained; the sparse readings share its weights.
     let vm = VarMap::new();
-    let dense = Reader::Decoder(recall_decoder(&a, vocab, KeySelectionArg::Dense, &vm)?);
+    let dense = Reader::Decoder(Box::new(recall_decoder(
+        &a,
+        vocab,
+        KeySelectionArg::Dense,
+        &vm,
+    )?));
     autoglm::train::vqa::init_weights(&vm, a.seed, None)?;
     let decoder_train_s = fit(&dense, &vm, "decoder").context("training the decoder")?;
-    let top_k = Reader::Decoder(recall_decoder(&a, vocab, KeySelectionArg::TopK, &vm)?);
-    let blocks = Reader::Decoder(recall_decoder(&a, vocab, KeySelectionArg::Blocks, &vm)?);
+    let top_k = Reader::Decoder(Box::new(recall_decoder(
+        &a,
+        vocab,
+        KeySelectionArg::TopK,
+        &vm,
+    )?));
+    let blocks = Reader::Decoder(Box::new(recall_decoder(
+        &a,
+        vocab,
+        KeySelectionArg::Blocks,
+        &vm,
+    )?));
 
     // The dense decoder at its training length: what the longer test adds.
     let short = train_task.examples(a.eval_examples, a.seed.wrapping_add(2_000_000));
@@ -333,6 +379,7 @@ pub fn long_recall(g: &Global, a: RecallArgs) -> Result<()> {
         "hidden": a.hidden, "layers": a.layers, "heads": a.heads, "rope_theta": a.rope_theta,
         "top_k": a.top_k, "block": a.block, "threads": threads,
         "train_seconds": {"decoder": decoder_train_s, "lstm": lstm_train_s},
+        "loaded_from": a.load,
         "dense_at_train_tokens": {"accuracy": dense_short.accuracy(), "questions": dense_short.questions},
         "readers": rows.iter().map(|(name, s)| json!({
             "reader": name, "accuracy": s.accuracy(), "correct": s.correct,
