@@ -260,7 +260,7 @@ pub fn long_recall(g: &Global, a: RecallArgs) -> Result<()> {
     let vocab = train_task.vocab();
     // Each set from a generator of its own seed: training `seed`, the
     // test-length training `seed + 1`, the tests `seed + 1e6` and `+ 2e6`.
-    let test = eval_task.examples(a.eval_examples, a.seed.wrapping_add(1_000_000));
+    let test = eval_task.examples(a.eval_examples, a.seed.wrapping_add(1_000_000))?;
     let training = RecallTraining {
         steps: a.steps,
         batch_size: a.batch,
@@ -330,7 +330,11 @@ pub fn long_recall(g: &Global, a: RecallArgs) -> Result<()> {
         &vm,
     )?));
     autoglm::train::vqa::init_weights(&vm, a.seed, None)?;
-    let decoder_train_s = fit(&dense, &vm, "decoder").context("training the decoder")?;
+    let decoder_train_s = fit(&dense, &vm, "decoder").context(if a.load.is_some() {
+        "loading the decoder"
+    } else {
+        "training the decoder"
+    })?;
     let top_k = Reader::Decoder(Box::new(recall_decoder(
         &a,
         vocab,
@@ -345,7 +349,7 @@ pub fn long_recall(g: &Global, a: RecallArgs) -> Result<()> {
     )?));
 
     // The dense decoder at its training length: what the longer test adds.
-    let short = train_task.examples(a.eval_examples, a.seed.wrapping_add(2_000_000));
+    let short = train_task.examples(a.eval_examples, a.seed.wrapping_add(2_000_000))?;
     let dense_short = evaluate(&dense, &short)?;
     eprintln!(
         "dense decoder at {} tokens: {:.2} %",
@@ -369,7 +373,11 @@ pub fn long_recall(g: &Global, a: RecallArgs) -> Result<()> {
             a.hidden,
         )?;
         autoglm::train::vqa::init_weights(&vm, a.seed, None)?;
-        lstm_train_s = Some(fit(&lstm, &vm, "lstm").context("training the LSTM")?);
+        lstm_train_s = Some(fit(&lstm, &vm, "lstm").context(if a.load.is_some() {
+            "loading the LSTM"
+        } else {
+            "training the LSTM"
+        })?);
         rows.push(("LSTM (1 layer)".to_string(), evaluate(&lstm, &test)?));
     }
 

@@ -120,8 +120,8 @@ impl RecallTask {
 
     /// One sequence: the pairs (`k v`, or fused) at its start, then filler
     /// with each key asked again (`k v`, in random order) in a random free
-    /// slot of two positions.
-    pub fn sample(&self, rng: &mut StdRng) -> RecallExample {
+    /// slot of two positions. A [`Self::validate`]d task only.
+    fn sample(&self, rng: &mut StdRng) -> RecallExample {
         let n = self.pairs;
         let keys = rand::seq::index::sample(rng, self.keys, n).into_vec();
         let values: Vec<usize> = (0..n).map(|_| rng.random_range(0..self.values)).collect();
@@ -152,9 +152,10 @@ impl RecallTask {
     }
 
     /// `count` sequences from a generator seeded by `seed`.
-    pub fn examples(&self, count: usize, seed: u64) -> Vec<RecallExample> {
+    pub fn examples(&self, count: usize, seed: u64) -> Result<Vec<RecallExample>> {
+        self.validate()?;
         let mut rng = StdRng::seed_from_u64(seed);
-        (0..count).map(|_| self.sample(&mut rng)).collect()
+        Ok((0..count).map(|_| self.sample(&mut rng)).collect())
     }
 }
 
@@ -383,9 +384,13 @@ mod tests {
     }
 
     fn questions_ask_the_prompt(t: RecallTask) {
-        let examples = t.examples(50, 7);
-        assert_eq!(examples, t.examples(50, 7), "not deterministic by seed");
-        assert_ne!(examples, t.examples(50, 8));
+        let examples = t.examples(50, 7).unwrap();
+        assert_eq!(
+            examples,
+            t.examples(50, 7).unwrap(),
+            "not deterministic by seed"
+        );
+        assert_ne!(examples, t.examples(50, 8).unwrap());
         for e in &examples {
             assert_eq!(e.ids.len(), t.tokens);
             assert_eq!(e.questions.len(), t.pairs);
@@ -422,7 +427,7 @@ mod tests {
             tokens: 15,
             ..task()
         };
-        let e = short.validate().unwrap_err().to_string();
+        let e = short.examples(1, 0).unwrap_err().to_string();
         assert!(e.contains("tokens ≥ 16"), "{e}");
         let few_keys = RecallTask { keys: 3, ..task() };
         let e = few_keys.validate().unwrap_err().to_string();
@@ -443,7 +448,7 @@ mod tests {
             values: 4,
             fused: false,
         };
-        let held_out = t.examples(100, 99);
+        let held_out = t.examples(100, 99).unwrap();
         let training = RecallTraining {
             steps: 300,
             batch_size: 16,
