@@ -203,17 +203,16 @@ pub struct RecallArgs {
     seed: u64,
 }
 
+/// The recall decoder reading every key (`top_k` None), its top-k keys, or
+/// its top-k keys chosen by blocks of `block` (the library's
+/// `KeySelection`, from the config's two fields).
 fn recall_decoder(
     a: &RecallArgs,
     vocab: usize,
-    keys: KeySelectionArg,
+    top_k: Option<usize>,
+    block: Option<usize>,
     vm: &VarMap,
 ) -> Result<Llama> {
-    let (top_k, block) = match keys {
-        KeySelectionArg::Dense => (None, None),
-        KeySelectionArg::TopK => (Some(a.top_k), None),
-        KeySelectionArg::Blocks => (Some(a.top_k), Some(a.block)),
-    };
     let cfg: LlamaConfig = serde_json::from_value(json!({
         "vocab_size": vocab, "hidden_size": a.hidden, "intermediate_size": 4 * a.hidden,
         "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
@@ -224,13 +223,6 @@ fn recall_decoder(
     cfg.validate(std::path::Path::new("bench long-recall"))?;
     let vb = VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu);
     Ok(Llama::new(vb.pp("model"), vb.pp("lm_head"), &cfg)?)
-}
-
-#[derive(Clone, Copy)]
-enum KeySelectionArg {
-    Dense,
-    TopK,
-    Blocks,
 }
 
 pub fn long_recall(g: &Global, a: RecallArgs) -> Result<()> {
@@ -323,12 +315,7 @@ pub fn long_recall(g: &Global, a: RecallArgs) -> Result<()> {
 
     // The dense decoder is trained; the sparse readings share its weights.
     let vm = VarMap::new();
-    let dense = Reader::Decoder(Box::new(recall_decoder(
-        &a,
-        vocab,
-        KeySelectionArg::Dense,
-        &vm,
-    )?));
+    let dense = Reader::Decoder(Box::new(recall_decoder(&a, vocab, None, None, &vm)?));
     autoglm::train::vqa::init_weights(&vm, a.seed, None)?;
     let decoder_train_s = fit(&dense, &vm, "decoder").context(if a.load.is_some() {
         "loading the decoder"
@@ -338,13 +325,15 @@ pub fn long_recall(g: &Global, a: RecallArgs) -> Result<()> {
     let top_k = Reader::Decoder(Box::new(recall_decoder(
         &a,
         vocab,
-        KeySelectionArg::TopK,
+        Some(a.top_k),
+        None,
         &vm,
     )?));
     let blocks = Reader::Decoder(Box::new(recall_decoder(
         &a,
         vocab,
-        KeySelectionArg::Blocks,
+        Some(a.top_k),
+        Some(a.block),
         &vm,
     )?));
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use autoglm::assistant::{Assistant, Overflow};
 use autoglm::train::vqa::{answer_logits, init_weights, load_data, DataSource, Encoded, Images};
-use autoglm::train::{clip_grad_norm, AdamW, AdamWConfig};
+use autoglm::train::{clip_grad_norm, named_vars, AdamW, AdamWConfig};
 use autoglm::vlm::Llava;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -62,12 +62,7 @@ pub fn train(g: &Global, a: TrainBenchArgs) -> Result<()> {
     let vm = VarMap::new();
     let model = Llava::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &cfg)?;
     init_weights(&vm, 0, None)?;
-    let vars: Vec<_> = {
-        let data = vm.data().lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        let mut v: Vec<_> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-        v.sort_by(|x, y| x.0.cmp(&y.0));
-        v
-    };
+    let vars = named_vars(&vm, &[])?;
     let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
     let plain: Vec<_> = vars.iter().map(|(_, v)| v.clone()).collect();

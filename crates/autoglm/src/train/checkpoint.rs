@@ -107,6 +107,25 @@ pub fn varmap_tensors(vm: &candle_nn::VarMap) -> Result<HashMap<String, Tensor>>
         .collect())
 }
 
+/// The variables of `vm` to train, sorted by name (the order fixes the
+/// optimiser's state layout and a seeded run's updates): all but those
+/// whose names start with one of `frozen`.
+pub fn named_vars(
+    vm: &candle_nn::VarMap,
+    frozen: &[String],
+) -> Result<Vec<(String, candle_core::Var)>> {
+    let mut vars: Vec<(String, candle_core::Var)> = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("variable map poisoned".into()))?
+        .iter()
+        .filter(|(n, _)| !frozen.iter().any(|p| n.starts_with(p.as_str())))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(vars)
+}
+
 /// Named tensors.
 pub type Tensors = HashMap<String, Tensor>;
 

@@ -19,8 +19,8 @@ pub mod trainer;
 pub mod vqa;
 
 pub use checkpoint::{
-    load_checkpoint, save_checkpoint, save_safetensors_atomic, varmap_tensors, write_atomic,
-    Checkpoint,
+    load_checkpoint, named_vars, save_checkpoint, save_safetensors_atomic, varmap_tensors,
+    write_atomic, Checkpoint,
 };
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use schedule::Schedule;

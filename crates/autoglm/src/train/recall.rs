@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use crate::nn::{linear_b, Linear};
 use crate::text::llama::{Llama, Positions};
 use crate::text::lstm::Lstm;
-use crate::train::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
+use crate::train::{clip_grad_norm, named_vars, AdamW, AdamWConfig, Schedule};
 use crate::{Error, Result};
 
 /// The filler token; keys are `1..=keys`, values follow them.
@@ -259,14 +259,7 @@ pub fn train(
         ));
     }
     let dev = Device::Cpu;
-    let mut named: Vec<(String, candle_core::Var)> = vm
-        .data()
-        .lock()
-        .map_err(|_| Error::Invalid("variable map poisoned".into()))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let named = named_vars(vm, &[])?;
     let vars: Vec<candle_core::Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(named, AdamWConfig::default())?;
     let schedule = Schedule {

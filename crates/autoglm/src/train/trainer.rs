@@ -123,15 +123,7 @@ impl Trainer {
             ));
         }
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-        let mut vars: Vec<(String, Var)> = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Invalid("variable map poisoned".into()))?
-            .iter()
-            .filter(|(n, _)| !config.freeze.iter().any(|p| n.starts_with(p.as_str())))
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let vars = super::checkpoint::named_vars(varmap, &config.freeze)?;
         if vars.is_empty() {
             return Err(Error::Invalid(
                 "every parameter is frozen: nothing to train".into(),
