@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use crate::config::ImageProcessorConfig;
+use crate::fusion::router::Route;
 use crate::io::preprocess::Preprocess;
 use crate::text::chat::ChatTemplate;
 use crate::text::generate::{generate_with_context, Finish, GenerateConfig};
@@ -194,15 +195,29 @@ impl Assistant {
         } else {
             Some(self.preprocess.batch(images, &self.device)?)
         };
+        let mut cfg = cfg.clone();
+        // A routed model picks its path, unless the caller fixed the depth:
+        // from the question before the tower runs (the light path then
+        // sees a smaller image), or from the prompt's embeddings after it.
+        let mut route = None;
+        if cfg.layers.is_none() {
+            if let Some(r) = self.model.route_question(&ids)? {
+                route = Some(r);
+                cfg.layers = Some(match r {
+                    Route::Light => self.model.light_depth(),
+                    Route::Full => self.model.lm.depth(),
+                });
+            }
+        }
         let feats = pixels
             .as_ref()
-            .map(|p| self.model.image_features(p))
+            .map(|p| match route {
+                Some(Route::Light) => self.model.light_image_features(p),
+                _ => self.model.image_features(p),
+            })
             .transpose()?;
         let embeds = self.model.embed_prompt_features(&ids, feats.as_ref())?;
         let context = self.model.decoder_context(feats.as_ref())?;
-        let mut cfg = cfg.clone();
-        // A routed model picks its depth, unless the caller fixed it.
-        let mut route = None;
         if cfg.layers.is_none() {
             if let Some((r, depth)) = self.model.route(&embeds, &ids)? {
                 route = Some(r);

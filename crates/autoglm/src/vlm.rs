@@ -114,9 +114,14 @@ impl Llava {
                     )
                 })
                 .transpose()?,
+            // A router that chooses before the tower reads the question's
+            // mean embedding; one that chooses after it, the image's too.
             router: cfg
-                .router_light_layers
-                .map(|_| Router::new(root.pp("router"), 2 * t.hidden_size, cfg.router_threshold))
+                .has_router()
+                .then(|| {
+                    let width = if cfg.routes_before_tower() { 1 } else { 2 } * t.hidden_size;
+                    Router::new(root.pp("router"), width, cfg.router_threshold)
+                })
                 .transpose()?,
             lm: Llama::new(lm_model, lm_head, t)?,
             config: cfg.clone(),
@@ -171,6 +176,50 @@ impl Llava {
         } else {
             h.clone()
         })
+    }
+
+    /// Projected features of the router's light path: the tower on the
+    /// pixels average-pooled to `router_light_image_size`, each of the full
+    /// grid's tokens taking the light grid's token at its place (nearest),
+    /// so the prompt holds as many image tokens as on the full path.
+    ///
+    /// # Shapes
+    /// `pixels`: (N, 3, S, S) → (N, image_tokens, H_lm)
+    pub fn light_image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.projector.forward(&self.light_vision_features(pixels)?)
+    }
+
+    /// [`Self::light_image_features`] before the projector.
+    ///
+    /// # Shapes
+    /// `pixels`: (N, 3, S, S) → (N, image_tokens, H_vision)
+    pub fn light_vision_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let Some(light) = self.config.router_light_image_size else {
+            return Err(Error::Invalid(
+                "light_vision_features: the model has no router_light_image_size".into(),
+            ));
+        };
+        let side = pixels.dim(3)?;
+        if light == 0 || side % light != 0 || pixels.dim(2)? != side {
+            return Err(Error::Invalid(format!(
+                "light image features: {side}×{} pixels do not pool to router_light_image_size {light}",
+                pixels.dim(2)?
+            )));
+        }
+        let small = self.vision_features(&pixels.avg_pool2d(side / light)?)?;
+        let grid = |n: usize| (1..=n).find(|g| g * g >= n).filter(|g| g * g == n);
+        let (full, part) = (self.image_tokens(), small.dim(1)?);
+        let (Some(g), Some(gl)) = (grid(full), grid(part)) else {
+            return Err(Error::Invalid(format!(
+                "light image features: {part} light and {full} full tokens are not both square grids"
+            )));
+        };
+        let at: Vec<u32> = (0..full)
+            .map(|i| ((i / g) * gl / g * gl + (i % g) * gl / g) as u32)
+            .collect();
+        Ok(small
+            .contiguous()?
+            .index_select(&Tensor::new(at.as_slice(), pixels.device())?, 1)?)
     }
 
     /// Expands each `<image>` placeholder into `image_tokens` copies (unless
@@ -358,7 +407,8 @@ impl Llava {
 
     /// The router's input: the mean of each prompt's image-token embeddings
     /// beside the mean of its text-token embeddings (zeros for a part the
-    /// prompt lacks).
+    /// prompt lacks); the text's mean alone when the router chooses before
+    /// the tower (the image is not yet seen).
     ///
     /// Two means, not one: in a single mean over the prompt, the question's
     /// few words are outweighed by dozens of image tokens, and a router
@@ -389,18 +439,52 @@ impl Llava {
             }
         }
         let w = Tensor::from_vec(w, (b, 2, t), embeds.device())?;
-        Ok(w.matmul(embeds)?.reshape((b, 2 * h))?)
+        let means = w.matmul(embeds)?;
+        Ok(if self.config.routes_before_tower() {
+            means.narrow(1, 1, 1)?.reshape((b, h))?
+        } else {
+            means.reshape((b, 2 * h))?
+        })
+    }
+
+    /// Decoder layers of the light path.
+    pub fn light_depth(&self) -> usize {
+        self.config
+            .router_light_layers
+            .unwrap_or_else(|| self.lm.depth())
+    }
+
+    /// The path for one prompt (`ids`, image tokens expanded) when the
+    /// router chooses before the tower, from the question's embeddings
+    /// alone: `None` for any other model.
+    pub fn route_question(&self, ids: &[u32]) -> Result<Option<Route>> {
+        let Some(router) = self
+            .router
+            .as_ref()
+            .filter(|_| self.config.routes_before_tower())
+        else {
+            return Ok(None);
+        };
+        let dev = self.lm.embed_tokens_device();
+        let e = self.lm.embed(&Tensor::new(ids, dev)?.unsqueeze(0)?)?;
+        Ok(Some(router.route(&self.router_input(&e, &[ids])?)?[0]))
     }
 
     /// The path and decoder depth for one prompt (`ids`, embedded as
     /// `embeds` (1, T, H)): `None` without a router.
+    /// A router that chooses before the tower answers in
+    /// [`Self::route_question`] instead: `None` here.
     pub fn route(&self, embeds: &Tensor, ids: &[u32]) -> Result<Option<(Route, usize)>> {
-        let (Some(router), Some(light)) = (&self.router, self.config.router_light_layers) else {
+        let Some(router) = self
+            .router
+            .as_ref()
+            .filter(|_| !self.config.routes_before_tower())
+        else {
             return Ok(None);
         };
         let route = router.route(&self.router_input(embeds, &[ids])?)?[0];
         let depth = match route {
-            Route::Light => light,
+            Route::Light => self.light_depth(),
             Route::Full => self.lm.depth(),
         };
         Ok(Some((route, depth)))

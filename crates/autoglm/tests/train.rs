@@ -615,6 +615,14 @@ fn bad_training_configs_name_the_field() {
         "router_light_layers",
     );
     check(
+        serde_json::json!({"router_light_image_size": 32}),
+        "router_light_image_size",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "router_light_image_size": 48}),
+        "router_light_image_size",
+    );
+    check(
         serde_json::json!({"decoder_cross_attention_every": 0}),
         "decoder_cross_attention_every",
     );
@@ -879,6 +887,149 @@ fn cnn_fusion_and_router_train_and_reload() {
     assert_eq!(got.iter().flatten().count(), 2 * 64);
     let err = a.model.router_input(&e, &[&[1]]).unwrap_err().to_string();
     assert!(err.contains("1 prompts for 2 rows"), "{err}");
+}
+
+/// A router whose light path sees a smaller image: it trains (the light
+/// path's features are those of the pooled image), reads the question
+/// alone, chooses before the tower, and its light answers are the decoder's
+/// on the small image's tokens spread over the full grid.
+#[test]
+fn small_image_router_chooses_before_the_tower() {
+    use autoglm::fusion::router::Route;
+    use autoglm::text::generate::{generate_with_context, GenerateConfig};
+    use autoglm::train::vqa::{load_data, train_vqa, DataSource, VqaTrainConfig};
+    let cfg: VqaTrainConfig = serde_json::from_value(serde_json::json!({
+        "data": {"kind": "easy-vqa"}, "vision": "cnn", "max_train_examples": 32,
+        "image_size": 16, "vision_hidden": 8, "vision_layers": 2,
+        "router_light_image_size": 8, "projector": "mlp", "text_hidden": 32,
+        "text_layers": 2, "text_heads": 2, "text_kv_heads": 1, "vocab_size": 200, "steps": 6,
+        "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 3,
+        "held_out_images": 0
+    }))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut losses = Vec::new();
+    train_vqa(&cfg, dir.path(), false, &mut |m| losses.push(m.loss)).unwrap();
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["router_light_image_size"], 8);
+    let w =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    // The router reads the question's mean embedding alone (width 32).
+    assert_eq!(w["router.score.weight"].dims(), &[1, 32]);
+    assert!(
+        w["router.score.bias"]
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0,
+        "the router did not train"
+    );
+
+    let write_threshold = |t: f64| {
+        let mut c = saved.clone();
+        c["router_threshold"] = t.into();
+        std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+        autoglm::assistant::Assistant::load(dir.path(), &Device::Cpu).unwrap()
+    };
+    let a = write_threshold(1.0);
+    let m = &a.model;
+    let test = load_data(&DataSource::EasyVqa, "test").unwrap();
+    let img = autoglm::io::image::load(&test[0].image, Default::default()).unwrap();
+    let px = a.pixels(std::slice::from_ref(&img)).unwrap(); // (1, 3, 16, 16)
+
+    // The light tokens, by hand: 2 × 2 means of the pixels, the tower on
+    // the 8 × 8 image (a 2 × 2 grid), each of the 4 × 4 full grid's tokens
+    // taking the small grid's token at (row / 2, column / 2).
+    let full = m.vision_features(&px).unwrap();
+    let (n, g) = (full.dim(1).unwrap(), 4);
+    assert_eq!(n, g * g);
+    let p = px.squeeze(0).unwrap().to_vec3::<f32>().unwrap();
+    let mut pooled = vec![0f32; 3 * 8 * 8];
+    for (c, plane) in p.iter().enumerate() {
+        for y in 0..8 {
+            for x in 0..8 {
+                pooled[(c * 8 + y) * 8 + x] = (plane[2 * y][2 * x]
+                    + plane[2 * y][2 * x + 1]
+                    + plane[2 * y + 1][2 * x]
+                    + plane[2 * y + 1][2 * x + 1])
+                    / 4.0;
+            }
+        }
+    }
+    let small = m
+        .vision_features(&Tensor::from_vec(pooled, (1, 3, 8, 8), &Device::Cpu).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(small.len(), 4);
+    let light = m
+        .light_vision_features(&px)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (i, tok) in light.iter().enumerate() {
+        let want = &small[(i / g / 2) * 2 + (i % g) / 2];
+        for (x, y) in tok.iter().zip(want) {
+            assert!((x - y).abs() < 1e-4, "token {i}: {x} vs {y}");
+        }
+    }
+
+    // Threshold 1 sends the question down the light path (p < 1): the
+    // answer is the full decoder's on the light tokens. Threshold 0 sends
+    // it down the full path: the answer with the depth fixed.
+    let gcfg = GenerateConfig {
+        max_new_tokens: 4,
+        ..Default::default()
+    };
+    let ask = |a: &autoglm::assistant::Assistant, cfg: &GenerateConfig| {
+        a.ask(
+            std::slice::from_ref(&img),
+            &test[0].question,
+            cfg,
+            autoglm::assistant::Overflow::Error,
+            &mut |_| true,
+        )
+        .unwrap()
+    };
+    let routed = ask(&a, &gcfg);
+    assert_eq!(routed.route, Some(Route::Light));
+    let ids = a
+        .prompt_ids(&test[0].question, 1, autoglm::assistant::Overflow::Error, 4)
+        .unwrap();
+    assert_eq!(m.route_question(&ids).unwrap(), Some(Route::Light));
+    let e = m
+        .embed_prompt_features(&ids, Some(&m.light_image_features(&px).unwrap()))
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let mut want = gcfg.clone();
+    want.stop_token_ids.extend(&a.eos_ids);
+    let by_hand = generate_with_context(&m.lm, &e, &ids, None, &want, None, &mut |_| true)
+        .unwrap()
+        .tokens;
+    assert_eq!(routed.tokens, by_hand);
+
+    let a = write_threshold(0.0);
+    let routed = ask(&a, &gcfg);
+    assert_eq!(routed.route, Some(Route::Full));
+    let fixed = ask(
+        &a,
+        &GenerateConfig {
+            layers: Some(2),
+            ..gcfg.clone()
+        },
+    );
+    assert_eq!((routed.tokens, fixed.route), (fixed.tokens, None));
 }
 
 /// Gated cross-attention blocks inside the decoder: with their gates at 0

@@ -323,6 +323,14 @@ pub struct LlavaConfig {
     /// (early exit), or the full one. Absent: always the full path.
     #[serde(default)]
     pub router_light_layers: Option<usize>,
+    /// Not in HF's config: the router's light path sees the image at this
+    /// side (the preprocessed pixels average-pooled by `image_size / this`),
+    /// its tokens spread over the full path's grid, so the prompt is the
+    /// same on both paths. The router then reads the question alone and
+    /// chooses before the vision tower runs. Absent: the full image on
+    /// both paths.
+    #[serde(default)]
+    pub router_light_image_size: Option<usize>,
     /// The router's probability of needing the full path at or above
     /// which a prompt takes it.
     #[serde(default = "default_half")]
@@ -367,6 +375,27 @@ impl LlavaConfig {
                 return Err(invalid(
                     path,
                     format!("router_light_layers {l} must be at least 1 and fewer than the decoder's {n} layers"),
+                ));
+            }
+        }
+        if let Some(l) = self.router_light_image_size {
+            let v = &self.vision_config;
+            let n = v.image_size;
+            if !(v.is_efficientnet() || v.is_conv()) {
+                return Err(invalid(
+                    path,
+                    "router_light_image_size needs a convolutional tower (EfficientNet or the CNN): a ViT's position embeddings fix its image size".into(),
+                ));
+            }
+            let step = if v.is_efficientnet() {
+                32
+            } else {
+                1 << v.conv().layers.min(8)
+            };
+            if l == 0 || l >= n || n % l != 0 || l % step != 0 {
+                return Err(invalid(
+                    path,
+                    format!("router_light_image_size {l} must be smaller than image_size {n}, divide it and be a multiple of {step} (the tower's stride)"),
                 ));
             }
         }
@@ -435,6 +464,18 @@ impl LlavaConfig {
 
     /// Image tokens per image: patches, plus the class token with `full`
     /// (EfficientNet: the cells of its stride-32 head map).
+    /// Whether the model has a router (a light path of fewer decoder
+    /// layers, a smaller image, or both).
+    pub fn has_router(&self) -> bool {
+        self.router_light_layers.is_some() || self.router_light_image_size.is_some()
+    }
+
+    /// Whether the router chooses before the vision tower runs (its light
+    /// path sees a smaller image), reading the question alone.
+    pub fn routes_before_tower(&self) -> bool {
+        self.router_light_image_size.is_some()
+    }
+
     pub fn image_tokens(&self) -> usize {
         if self.vision_config.is_efficientnet() {
             let g = self.vision_config.image_size / 32;

@@ -25,6 +25,10 @@ pub(crate) struct ImageCache {
     pub(crate) blind: bool,
 }
 
+/// The flip bit that asks [`ImageCache::batch`] for the features of the
+/// router's light path (the image pooled to `router_light_image_size`).
+pub(crate) const LIGHT: u8 = 4;
+
 /// The most bytes of decoded pixels the cache holds.
 const MAX_CACHE_BYTES: usize = 4 << 30;
 
@@ -71,7 +75,9 @@ impl ImageCache {
     }
 
     /// Runs the (frozen) vision tower once over every image with each of
-    /// `flips`, keeping the features and dropping the pixels.
+    /// `flips`, keeping the features and dropping the pixels. A model
+    /// whose router's light path sees a smaller image gets that path's
+    /// features too, under each flip with the [`LIGHT`] bit.
     pub(crate) fn precompute_features(&mut self, model: &Llava, flips: &[u8]) -> Result<()> {
         let mut paths: Vec<PathBuf> = self.pixels.keys().cloned().collect();
         paths.sort();
@@ -83,6 +89,12 @@ impl ImageCache {
                 let feats = model.vision_features(&px)?;
                 for (i, p) in chunk.iter().enumerate() {
                     features.insert((p.clone(), f), feats.get(i)?);
+                }
+                if model.config.routes_before_tower() {
+                    let light = model.light_vision_features(&px)?;
+                    for (i, p) in chunk.iter().enumerate() {
+                        features.insert((p.clone(), f | LIGHT), light.get(i)?);
+                    }
                 }
             }
         }

@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use super::images::ImageCache;
+use super::images::{ImageCache, LIGHT};
 use super::{Metrics, TrainConfig, Trainer};
 use crate::config::LlavaConfig;
 use crate::data::loader::epoch_order;
@@ -161,9 +161,17 @@ pub struct VqaTrainConfig {
     /// losses plus `router_cost_weight` × each path's share of the decoder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_light_layers: Option<usize>,
+    /// The router's light path sees the image at this side (average-pooled
+    /// pixels; a convolutional tower only), and the router chooses from
+    /// the question alone, before the tower runs. With
+    /// `router_light_layers` too, the light path is both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_light_image_size: Option<usize>,
     /// λ of the router's cost penalty: the full path is worth its extra
-    /// layers where it lowers an example's loss by more than λ × the
-    /// fraction of the decoder they are.
+    /// cost where it lowers an example's loss by more than λ × the share
+    /// of the cost it saves. The light path costs its share of the
+    /// decoder's layers times its share of the image's pixels (each 1 when
+    /// that part is not made lighter).
     #[serde(default = "router_cost")]
     pub router_cost_weight: f64,
     /// A gated cross-attention block (Flamingo's, tanh gates at 0) before
@@ -255,6 +263,36 @@ impl VqaTrainConfig {
                         "{l}: the light path needs at least 1 and fewer than text_layers {} decoder layers",
                         self.text_layers
                     ),
+                );
+            }
+        }
+        if let Some(l) = self.router_light_image_size {
+            if !(effnet || cnn) {
+                return bad(
+                    "router_light_image_size",
+                    "needs a convolutional tower (`efficientnet-lite0` or `cnn`): a ViT's position embeddings fix its image size".into(),
+                );
+            }
+            let n = self.image_size;
+            // The towers' token grids: image_size / 32 (EfficientNet), or
+            // / 2^vision_layers (the CNN's stride-2 convolutions).
+            let step = if effnet {
+                32
+            } else {
+                1 << self.vision_layers.min(8)
+            };
+            if l == 0 || l >= n || n % l != 0 || l % step != 0 {
+                return bad(
+                    "router_light_image_size",
+                    format!(
+                        "{l} must be smaller than image_size {n}, divide it and be a multiple of {step} (the tower's stride)"
+                    ),
+                );
+            }
+            if self.blind {
+                return bad(
+                    "router_light_image_size",
+                    "a blind model sees no image; drop one of the two".into(),
                 );
             }
         }
@@ -554,6 +592,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
     if let Some(l) = c.router_light_layers {
         cfg["router_light_layers"] = l.into();
     }
+    if let Some(l) = c.router_light_image_size {
+        cfg["router_light_image_size"] = l.into();
+    }
     if let Some(k) = c.decoder_cross_attention_every {
         cfg["text_config"]["cross_attention_every"] = k.into();
     }
@@ -687,6 +728,7 @@ pub fn train_vqa(
         for v in [&mut theirs, &mut ours] {
             if let Some(o) = v.as_object_mut() {
                 o.remove("router_light_layers");
+                o.remove("router_light_image_size");
             }
         }
         if theirs != ours {
@@ -821,7 +863,21 @@ pub fn train_vqa(
         let px = images.batch(idx.iter().map(|&i| &train[i].image), &flips)?;
         let rows: Vec<&Encoded> = idx.iter().map(|&i| &train_ids[i]).collect();
         if model.router.is_some() {
-            return routed_answer_loss(&model, &rows, px.as_ref(), c.router_cost_weight);
+            // The light path's smaller image: pooled from the pixels, or
+            // the frozen tower's features of it, computed beforehand.
+            let light = if model.config.routes_before_tower() {
+                let small: Vec<u8> = flips.iter().map(|f| f | LIGHT).collect();
+                Some(images.batch(idx.iter().map(|&i| &train[i].image), &small)?)
+            } else {
+                None
+            };
+            return routed_answer_loss(
+                &model,
+                &rows,
+                px.as_ref(),
+                light.as_ref().map(ImageBatch::as_ref),
+                c.router_cost_weight,
+            );
         }
         let (logits, targets) = answer_logits(&model, &rows, px.as_ref())?;
         Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
@@ -941,6 +997,8 @@ pub enum Images<'a> {
     Pixels(&'a Tensor),
     /// (B, P, H_vision) features of a frozen tower, computed beforehand.
     VisionFeatures(&'a Tensor),
+    /// (B, P, H_lm) projected image tokens.
+    Projected(&'a Tensor),
     /// No images: blind rows (their prompts hold no image tokens).
     None,
 }
@@ -1013,6 +1071,7 @@ fn answer_hidden(
     let feats = match images {
         Images::Pixels(p) => Some(model.image_features(p)?),
         Images::VisionFeatures(f) => Some(model.projector.forward(f)?),
+        Images::Projected(f) => Some(f.clone()),
         Images::None => None,
     };
     let e = match &feats {
@@ -1053,27 +1112,60 @@ fn answer_hidden(
 /// plus the router's cost-penalised loss ([`routed_loss`]) on their
 /// detached per-example losses (the router learns where the light path
 /// suffices; it does not change what the paths compute).
+///
+/// `light_images`: the light path's images when it sees a smaller image
+/// (`router_light_image_size`): the same pixels (pooled here), or the
+/// frozen tower's features of the smaller image; `None` otherwise.
 pub fn routed_answer_loss(
     model: &Llava,
     rows: &[&Encoded],
     images: Images,
+    light_images: Option<Images>,
     lambda: f64,
 ) -> Result<Tensor> {
-    let (Some(router), Some(light)) = (&model.router, model.config.router_light_layers) else {
+    let Some(router) = &model.router else {
         return Err(Error::Invalid(
             "routed_answer_loss: the model has no router".into(),
         ));
     };
-    let depth = model.lm.depth();
-    let a = answer_hidden(model, rows, images, &[light, depth])?;
-    let per_row = |h: &Tensor| -> Result<Tensor> {
+    let (depth, light) = (model.lm.depth(), model.light_depth());
+    let per_row = |a: &AnswerHidden, h: &Tensor| -> Result<Tensor> {
         per_example_loss(&model.lm.logits(h)?, &a.targets, &a.row_of, rows.len())
     };
-    let (l_light, l_full) = (per_row(&a.hidden[0])?, per_row(&a.hidden[1])?);
+    let (l_light, l_full, embeds) = match (model.config.router_light_image_size, light_images) {
+        (None, _) => {
+            let a = answer_hidden(model, rows, images, &[light, depth])?;
+            let l = (per_row(&a, &a.hidden[0])?, per_row(&a, &a.hidden[1])?);
+            (l.0, l.1, a.embeds)
+        }
+        (Some(_), Some(small)) => {
+            let projected = match small {
+                Images::Pixels(p) => Some(model.light_image_features(p)?),
+                _ => None,
+            };
+            let small = projected.as_ref().map_or(small, Images::Projected);
+            let a = answer_hidden(model, rows, small, &[light])?;
+            let f = answer_hidden(model, rows, images, &[depth])?;
+            (
+                per_row(&a, &a.hidden[0])?,
+                per_row(&f, &f.hidden[0])?,
+                f.embeds,
+            )
+        }
+        (Some(_), None) => {
+            return Err(Error::Invalid(
+                "routed_answer_loss: the light path sees a smaller image, and none was given"
+                    .into(),
+            ))
+        }
+    };
     let prompts: Vec<&[u32]> = rows.iter().map(|r| r.prompt.as_slice()).collect();
-    let p = router.probability(&model.router_input(&a.embeds, &prompts)?.detach())?;
+    let p = router.probability(&model.router_input(&embeds, &prompts)?.detach())?;
+    let pixel_share = model.config.router_light_image_size.map_or(1.0, |l| {
+        (l as f64 / model.config.vision_config.image_size as f64).powi(2)
+    });
     let cost = RouteCost {
-        light: light as f64 / depth as f64,
+        light: light as f64 / depth as f64 * pixel_share,
         full: 1.0,
     };
     let route = routed_loss(&p, &l_full.detach(), &l_light.detach(), cost, lambda)?;

@@ -165,10 +165,12 @@ impl ConvNet {
     /// `pixels`: (B, 3, S, S) → [(B, C, S/2, S/2), …, (B, C, S/2^L, S/2^L)]
     pub fn stages(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
         let (_, ch, h, w) = pixels.dims4()?;
-        let s = self.cfg.image_size;
-        if (ch, h, w) != (3, s, s) {
+        // Trained at image_size; a router's light path feeds a smaller
+        // image whose side the strides also divide (a smaller grid).
+        let (s, step) = (self.cfg.image_size, 1usize << self.cfg.layers);
+        if ch != 3 || h != w || h == 0 || h % step != 0 {
             return Err(Error::Invalid(format!(
-                "the convolutional encoder takes 3×{s}×{s} images, got {ch}×{h}×{w}; resize with the model's preprocessor"
+                "the convolutional encoder takes 3×{s}×{s} images (or square ones whose side is a multiple of {step}), got {ch}×{h}×{w}; resize with the model's preprocessor"
             )));
         }
         let mut x = pixels.clone();
