@@ -35,9 +35,12 @@ pub struct Llava {
     /// Image→text attention on the projected image tokens
     /// (`image_text_attention.*`), when the config asks for it.
     pub image_text: Option<GatedCrossAttention>,
-    /// Chooses each prompt's decoder depth (`router.*`), when the config
-    /// asks for it.
+    /// Chooses each prompt's path (`router.*`), when the config asks for
+    /// it.
     pub router: Option<Router>,
+    /// Projects the light path's early-exit tower features
+    /// (`light_projector.*`, with `router_light_tower_stage`).
+    pub light_projector: Option<Projector>,
     pub lm: Llama,
     pub config: LlavaConfig,
 }
@@ -123,6 +126,25 @@ impl Llava {
                     Router::new(root.pp("router"), width, cfg.router_threshold)
                 })
                 .transpose()?,
+            light_projector: cfg
+                .router_light_tower_stage
+                .map(|k| {
+                    let width = EfficientNet::stage_width(&EfficientNetConfig::lite0(), k)
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "router_light_tower_stage {k} is not a stage of EfficientNet-Lite0"
+                            ))
+                        })?;
+                    Projector::new(
+                        root.pp("light_projector"),
+                        kind,
+                        width,
+                        t.hidden_size,
+                        cfg.multimodal_projector_bias,
+                        cfg.adapter_dim.unwrap_or(t.hidden_size / 4),
+                    )
+                })
+                .transpose()?,
             lm: Llama::new(lm_model, lm_head, t)?,
             config: cfg.clone(),
         })
@@ -178,25 +200,44 @@ impl Llava {
         })
     }
 
-    /// Projected features of the router's light path: the tower on the
-    /// pixels average-pooled to `router_light_image_size`, each of the full
-    /// grid's tokens taking the light grid's token at its place (nearest),
-    /// so the prompt holds as many image tokens as on the full path.
+    /// Projected features of the router's light path, as many tokens as
+    /// the full path's (the prompt is the same on both paths):
+    /// - `router_light_image_size`: the tower on the pixels average-pooled
+    ///   to that side, each of the full grid's tokens taking the small
+    ///   grid's token at its place (nearest);
+    /// - `router_light_tower_stage`: the EfficientNet's map after that
+    ///   stage, pooled onto the head's grid, through `light_projector`.
     ///
     /// # Shapes
     /// `pixels`: (N, 3, S, S) → (N, image_tokens, H_lm)
     pub fn light_image_features(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.projector.forward(&self.light_vision_features(pixels)?)
+        self.project_light(&self.light_vision_features(pixels)?)
+    }
+
+    /// The light path's projector on its tower features.
+    pub fn project_light(&self, features: &Tensor) -> Result<Tensor> {
+        self.light_projector
+            .as_ref()
+            .unwrap_or(&self.projector)
+            .forward(features)
     }
 
     /// [`Self::light_image_features`] before the projector.
     ///
     /// # Shapes
-    /// `pixels`: (N, 3, S, S) → (N, image_tokens, H_vision)
+    /// `pixels`: (N, 3, S, S) → (N, image_tokens, H_vision or C_stage)
     pub fn light_vision_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        if let Some(k) = self.config.router_light_tower_stage {
+            let VisionTower::EfficientNet(e) = &self.vision else {
+                return Err(Error::Invalid(
+                    "router_light_tower_stage needs the EfficientNet tower".into(),
+                ));
+            };
+            return e.stage_tokens(pixels, k);
+        }
         let Some(light) = self.config.router_light_image_size else {
             return Err(Error::Invalid(
-                "light_vision_features: the model has no router_light_image_size".into(),
+                "light_vision_features: the model's router has no light image path (router_light_image_size or router_light_tower_stage)".into(),
             ));
         };
         let side = pixels.dim(3)?;
@@ -445,6 +486,22 @@ impl Llava {
         } else {
             means.reshape((b, 2 * h))?
         })
+    }
+
+    /// What the light path costs against the full one, in the tower: its
+    /// share of the pixels (`router_light_image_size`), or of the tower's
+    /// blocks and head (`router_light_tower_stage`); 1 when it runs the
+    /// whole tower.
+    pub fn light_tower_share(&self) -> f64 {
+        if let Some(l) = self.config.router_light_image_size {
+            return (l as f64 / self.config.vision_config.image_size as f64).powi(2);
+        }
+        if let Some(k) = self.config.router_light_tower_stage {
+            let stages = EfficientNetConfig::lite0().stages;
+            let blocks = |n: usize| stages.iter().take(n).map(|s| s.repeats).sum::<usize>();
+            return blocks(k) as f64 / (blocks(stages.len()) + 1) as f64;
+        }
+        1.0
     }
 
     /// Decoder layers of the light path.

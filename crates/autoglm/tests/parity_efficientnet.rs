@@ -118,3 +118,56 @@ fn stage_features_have_the_documented_shapes() {
     );
     assert_eq!(f.pooled.dims(), &[1, 1280]);
 }
+
+/// The router's early exit: the map after a stage (checked against
+/// PyTorch above), averaged by hand over the cells that fall in each cell
+/// of the head's 7 × 7 grid, is what `stage_tokens` gives, row-major.
+#[test]
+fn an_early_exit_pools_a_stage_onto_the_head_grid() {
+    let dev = Device::Cpu;
+    let clf = ImageClassifier::load(
+        &asset("efficientnet-lite0"),
+        &asset("imagenet").join("labels.txt"),
+        &dev,
+    )
+    .unwrap();
+    let img = load(&asset("photos").join("chelsea.png"), ImageLimits::default()).unwrap();
+    let x = clf.preprocess.batch(&[img], &dev).unwrap();
+    let f = clf.model.forward_features(&x).unwrap();
+    for stage in [1usize, 5] {
+        let map = f.stages[stage - 1]
+            .squeeze(0)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        let (c, side) = (map.len(), map[0].len());
+        let k = side / 7;
+        let got = clf
+            .model
+            .stage_tokens(&x, stage)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!((got.len(), got[0].len()), (49, c), "stage {stage}");
+        let mut worst = 0f32;
+        for (t, token) in got.iter().enumerate() {
+            let (gy, gx) = (t / 7, t % 7);
+            for (ch, &v) in token.iter().enumerate() {
+                let mut sum = 0f32;
+                for y in gy * k..(gy + 1) * k {
+                    for xx in gx * k..(gx + 1) * k {
+                        sum += map[ch][y][xx];
+                    }
+                }
+                worst = worst.max((v - sum / (k * k) as f32).abs());
+            }
+        }
+        assert!(worst < 1e-4, "stage {stage}: off by {worst}");
+    }
+    for bad in [0, 8] {
+        let e = clf.model.stage_tokens(&x, bad).unwrap_err().to_string();
+        assert!(e.contains(&format!("stage {bad}")), "{e}");
+    }
+}

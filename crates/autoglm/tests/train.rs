@@ -623,6 +623,19 @@ fn bad_training_configs_name_the_field() {
         "router_light_image_size",
     );
     check(
+        serde_json::json!({"router_light_tower_stage": 5}),
+        "router_light_tower_stage",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "router_light_tower_stage": 8}),
+        "router_light_tower_stage",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "router_light_tower_stage": 5,
+            "router_light_image_size": 32}),
+        "router_light_tower_stage",
+    );
+    check(
         serde_json::json!({"decoder_cross_attention_every": 0}),
         "decoder_cross_attention_every",
     );

@@ -331,6 +331,13 @@ pub struct LlavaConfig {
     /// both paths.
     #[serde(default)]
     pub router_light_image_size: Option<usize>,
+    /// Not in HF's config: the router's light path leaves the EfficientNet
+    /// after this stage (1-based; the later stages and the head do not
+    /// run), its map average-pooled onto the head's grid and projected by a
+    /// projector of its own (`light_projector.*`). The router then reads
+    /// the question alone and chooses before the tower runs.
+    #[serde(default)]
+    pub router_light_tower_stage: Option<usize>,
     /// The router's probability of needing the full path at or above
     /// which a prompt takes it.
     #[serde(default = "default_half")]
@@ -396,6 +403,23 @@ impl LlavaConfig {
                 return Err(invalid(
                     path,
                     format!("router_light_image_size {l} must be smaller than image_size {n}, divide it and be a multiple of {step} (the tower's stride)"),
+                ));
+            }
+        }
+        if let Some(k) = self.router_light_tower_stage {
+            let stages = crate::vision::efficientnet::EfficientNetConfig::lite0()
+                .stages
+                .len();
+            if !self.vision_config.is_efficientnet() || k == 0 || k > stages {
+                return Err(invalid(
+                    path,
+                    format!("router_light_tower_stage {k} must name one of the EfficientNet tower's stages 1..={stages}"),
+                ));
+            }
+            if self.router_light_image_size.is_some() {
+                return Err(invalid(
+                    path,
+                    "router_light_tower_stage and router_light_image_size are two light paths; keep one".into(),
                 ));
             }
         }
@@ -467,13 +491,16 @@ impl LlavaConfig {
     /// Whether the model has a router (a light path of fewer decoder
     /// layers, a smaller image, or both).
     pub fn has_router(&self) -> bool {
-        self.router_light_layers.is_some() || self.router_light_image_size.is_some()
+        self.router_light_layers.is_some()
+            || self.router_light_image_size.is_some()
+            || self.router_light_tower_stage.is_some()
     }
 
     /// Whether the router chooses before the vision tower runs (its light
-    /// path sees a smaller image), reading the question alone.
+    /// path sees a smaller image, or leaves the tower early), reading the
+    /// question alone.
     pub fn routes_before_tower(&self) -> bool {
-        self.router_light_image_size.is_some()
+        self.router_light_image_size.is_some() || self.router_light_tower_stage.is_some()
     }
 
     pub fn image_tokens(&self) -> usize {

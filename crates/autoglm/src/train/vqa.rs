@@ -167,6 +167,12 @@ pub struct VqaTrainConfig {
     /// `router_light_layers` too, the light path is both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_light_image_size: Option<usize>,
+    /// The router's light path leaves the frozen EfficientNet after this
+    /// stage (1-based, of 7), its map pooled onto the head's grid and
+    /// projected by a projector of its own; the router chooses from the
+    /// question alone, before the tower runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_light_tower_stage: Option<usize>,
     /// λ of the router's cost penalty: the full path is worth its extra
     /// cost where it lowers an example's loss by more than λ × the share
     /// of the cost it saves. The light path costs its share of the
@@ -292,6 +298,27 @@ impl VqaTrainConfig {
             if self.blind {
                 return bad(
                     "router_light_image_size",
+                    "a blind model sees no image; drop one of the two".into(),
+                );
+            }
+        }
+        if let Some(k) = self.router_light_tower_stage {
+            let stages = EfficientNetConfig::lite0().stages.len();
+            if !effnet || k == 0 || k > stages {
+                return bad(
+                    "router_light_tower_stage",
+                    format!("{k}: needs `efficientnet-lite0` and one of its stages 1..={stages}"),
+                );
+            }
+            if self.router_light_image_size.is_some() {
+                return bad(
+                    "router_light_tower_stage",
+                    "and router_light_image_size are two light paths; keep one".into(),
+                );
+            }
+            if self.blind {
+                return bad(
+                    "router_light_tower_stage",
                     "a blind model sees no image; drop one of the two".into(),
                 );
             }
@@ -595,6 +622,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
     if let Some(l) = c.router_light_image_size {
         cfg["router_light_image_size"] = l.into();
     }
+    if let Some(k) = c.router_light_tower_stage {
+        cfg["router_light_tower_stage"] = k.into();
+    }
     if let Some(k) = c.decoder_cross_attention_every {
         cfg["text_config"]["cross_attention_every"] = k.into();
     }
@@ -722,13 +752,15 @@ pub fn train_vqa(
         &serde_json::to_string_pretty(&cfg_json).unwrap_or_default(),
     )?;
     if let Some(src) = &c.init_from {
-        // A router may be added to a trained model: it starts fresh.
+        // A router (and a light path's projector) may be added to a
+        // trained model: it starts fresh.
         let mut theirs: serde_json::Value = crate::io::read_json(&src.join("config.json"))?;
         let mut ours = cfg_json.clone();
         for v in [&mut theirs, &mut ours] {
             if let Some(o) = v.as_object_mut() {
                 o.remove("router_light_layers");
                 o.remove("router_light_image_size");
+                o.remove("router_light_tower_stage");
             }
         }
         if theirs != ours {
@@ -761,7 +793,8 @@ pub fn train_vqa(
             .map_err(|_| Error::Invalid("variable map poisoned".into()))?
             .iter()
         {
-            if name.starts_with("router.") && !saved.contains_key(name) {
+            let fresh = name.starts_with("router.") || name.starts_with("light_projector.");
+            if fresh && !saved.contains_key(name) {
                 saved.insert(name.clone(), var.as_tensor().copy()?);
             }
         }
@@ -1113,9 +1146,10 @@ fn answer_hidden(
 /// detached per-example losses (the router learns where the light path
 /// suffices; it does not change what the paths compute).
 ///
-/// `light_images`: the light path's images when it sees a smaller image
-/// (`router_light_image_size`): the same pixels (pooled here), or the
-/// frozen tower's features of the smaller image; `None` otherwise.
+/// `light_images`: the light path's images when its router chooses before
+/// the tower (a smaller image, or an early exit from the tower): the same
+/// pixels (the light features are computed here), or the frozen tower's
+/// light-path features; `None` otherwise.
 pub fn routed_answer_loss(
     model: &Llava,
     rows: &[&Encoded],
@@ -1132,19 +1166,25 @@ pub fn routed_answer_loss(
     let per_row = |a: &AnswerHidden, h: &Tensor| -> Result<Tensor> {
         per_example_loss(&model.lm.logits(h)?, &a.targets, &a.row_of, rows.len())
     };
-    let (l_light, l_full, embeds) = match (model.config.router_light_image_size, light_images) {
-        (None, _) => {
+    let before_tower = model.config.routes_before_tower();
+    let (l_light, l_full, embeds) = match (before_tower, light_images) {
+        (false, _) => {
             let a = answer_hidden(model, rows, images, &[light, depth])?;
             let l = (per_row(&a, &a.hidden[0])?, per_row(&a, &a.hidden[1])?);
             (l.0, l.1, a.embeds)
         }
-        (Some(_), Some(small)) => {
+        (true, Some(small)) => {
             let projected = match small {
-                Images::Pixels(p) => Some(model.light_image_features(p)?),
-                _ => None,
+                Images::Pixels(p) => model.light_image_features(p)?,
+                Images::VisionFeatures(f) => model.project_light(f)?,
+                Images::Projected(f) => f.clone(),
+                Images::None => {
+                    return Err(Error::Invalid(
+                        "routed_answer_loss: the light path's image is missing".into(),
+                    ))
+                }
             };
-            let small = projected.as_ref().map_or(small, Images::Projected);
-            let a = answer_hidden(model, rows, small, &[light])?;
+            let a = answer_hidden(model, rows, Images::Projected(&projected), &[light])?;
             let f = answer_hidden(model, rows, images, &[depth])?;
             (
                 per_row(&a, &a.hidden[0])?,
@@ -1152,7 +1192,7 @@ pub fn routed_answer_loss(
                 f.embeds,
             )
         }
-        (Some(_), None) => {
+        (true, None) => {
             return Err(Error::Invalid(
                 "routed_answer_loss: the light path sees a smaller image, and none was given"
                     .into(),
@@ -1161,11 +1201,8 @@ pub fn routed_answer_loss(
     };
     let prompts: Vec<&[u32]> = rows.iter().map(|r| r.prompt.as_slice()).collect();
     let p = router.probability(&model.router_input(&embeds, &prompts)?.detach())?;
-    let pixel_share = model.config.router_light_image_size.map_or(1.0, |l| {
-        (l as f64 / model.config.vision_config.image_size as f64).powi(2)
-    });
     let cost = RouteCost {
-        light: light as f64 / depth as f64 * pixel_share,
+        light: light as f64 / depth as f64 * model.light_tower_share(),
         full: 1.0,
     };
     let route = routed_loss(&p, &l_full.detach(), &l_light.detach(), cost, lambda)?;

@@ -393,6 +393,40 @@ impl EfficientNet {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
+    /// An early exit: the map after stage `stage` (1-based; the later
+    /// stages and the head do not run), average-pooled onto the head's
+    /// grid, as tokens row-major — as many as [`Self::head_tokens`] gives.
+    ///
+    /// # Shapes
+    /// `x`: (B, 3, H, W), normalised, H and W multiples of 32 →
+    /// (B, (H/32)·(W/32), C_stage)
+    pub fn stage_tokens(&self, x: &Tensor, stage: usize) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        if stage == 0 || stage > self.stages.len() || h % 32 != 0 || w % 32 != 0 {
+            return Err(Error::Invalid(format!(
+                "EfficientNet stage tokens: stage {stage} of 1..={} on a {h}×{w} image (sides multiples of 32)",
+                self.stages.len()
+            )));
+        }
+        let mut m = self.stem(x)?;
+        for block in self.stages[..stage].iter().flatten() {
+            m = block.forward(&m)?;
+        }
+        let (_, mh, mw, _) = m.dims4()?; // NHWC
+        let (gh, gw) = (h / 32, w / 32);
+        let nchw = m.permute((0, 3, 1, 2))?;
+        let pooled = nchw.avg_pool2d((mh / gh, mw / gw))?;
+        Ok(pooled.flatten_from(2)?.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// Channels of stage `stage`'s map (1-based).
+    pub fn stage_width(cfg: &EfficientNetConfig, stage: usize) -> Option<usize> {
+        stage
+            .checked_sub(1)
+            .and_then(|i| cfg.stages.get(i))
+            .map(|s| s.output)
+    }
+
     fn forward_chunk(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = self.stem(x)?;
         for block in self.stages.iter().flatten() {
