@@ -155,12 +155,10 @@ fn an_early_exit_pools_a_stage_onto_the_head_grid() {
         for (t, token) in got.iter().enumerate() {
             let (gy, gx) = (t / 7, t % 7);
             for (ch, &v) in token.iter().enumerate() {
-                let mut sum = 0f32;
-                for y in gy * k..(gy + 1) * k {
-                    for xx in gx * k..(gx + 1) * k {
-                        sum += map[ch][y][xx];
-                    }
-                }
+                let sum: f32 = map[ch][gy * k..(gy + 1) * k]
+                    .iter()
+                    .map(|row| row[gx * k..(gx + 1) * k].iter().sum::<f32>())
+                    .sum();
                 worst = worst.max((v - sum / (k * k) as f32).abs());
             }
         }
