@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use autoglm::assistant::Assistant;
+use autoglm::fusion::router::Route;
 use autoglm::text::generate::{Sampler, Sampling};
 use autoglm::text::kv_cache::KvCache;
 use autoglm::text::llama::Positions;
@@ -204,51 +205,72 @@ impl Engine {
     fn prefill(&mut self, admit: Vec<Job>) {
         let a = &self.assistant;
         // The images of every admitted prompt go through the vision tower
-        // in one batch.
+        // in one batch per path: a router that chooses before the tower
+        // (from the question) sends some down its light path, which sees
+        // the images smaller or leaves the tower early. The decoder is the
+        // same on both paths, so the rows still decode together.
         let mut jobs = Vec::with_capacity(admit.len());
-        let mut pixels = Vec::new();
+        // Per path (full, light): the pixels, and per job its path.
+        let mut pixels: [Vec<Tensor>; 2] = [Vec::new(), Vec::new()];
+        let mut light = Vec::with_capacity(admit.len());
         for job in admit {
             if job.images.is_empty() {
                 jobs.push(job);
+                light.push(false);
                 continue;
             }
-            match a.preprocess.batch(&job.images, a.device()) {
-                Ok(p) => {
-                    pixels.push(p);
+            let routed = if routes_images(a) {
+                a.model.route_question(&job.prompt_ids)
+            } else {
+                Ok(None)
+            };
+            let prepared = routed.and_then(|r| {
+                Ok((
+                    a.preprocess.batch(&job.images, a.device())?,
+                    r == Some(Route::Light),
+                ))
+            });
+            match prepared {
+                Ok((p, is_light)) => {
+                    pixels[usize::from(is_light)].push(p);
                     jobs.push(job);
+                    light.push(is_light);
                 }
                 Err(e) => {
                     let _ = job.events.send(Event::Failed(e.into()));
                 }
             }
         }
-        let features = if pixels.is_empty() {
-            Ok(None)
-        } else {
-            Tensor::cat(&pixels, 0)
-                .map_err(autoglm::Error::from)
-                .and_then(|p| a.model.image_features(&p))
-                .map(Some)
+        let features = |path: usize| -> autoglm::Result<Option<Tensor>> {
+            if pixels[path].is_empty() {
+                return Ok(None);
+            }
+            let p = Tensor::cat(&pixels[path], 0)?;
+            Ok(Some(if path == 1 {
+                a.model.light_image_features(&p)?
+            } else {
+                a.model.image_features(&p)?
+            }))
         };
-        let features = match features {
+        let features = match features(0).and_then(|f| Ok([f, features(1)?])) {
             Ok(f) => f,
             Err(e) => return fail(&jobs, e),
         };
         let mut embeds = Vec::with_capacity(jobs.len());
         let mut ok = Vec::with_capacity(jobs.len());
-        let mut first = 0;
-        for job in jobs {
-            let n = job.images.len();
+        let mut first = [0usize; 2];
+        for (job, is_light) in jobs.into_iter().zip(light) {
+            let (n, path) = (job.images.len(), usize::from(is_light));
             let e = (|| -> autoglm::Result<Tensor> {
-                let f = match (&features, n) {
-                    (Some(f), n) if n > 0 => Some(f.narrow(0, first, n)?),
+                let f = match (&features[path], n) {
+                    (Some(f), n) if n > 0 => Some(f.narrow(0, first[path], n)?),
                     _ => None,
                 };
                 Ok(a.model
                     .embed_prompt_features(&job.prompt_ids, f.as_ref())?
                     .squeeze(0)?)
             })();
-            first += n;
+            first[path] += n;
             match e {
                 Ok(e) => {
                     embeds.push(e);
@@ -563,6 +585,15 @@ impl Engine {
 }
 
 /// Tells every job of `jobs` that it failed with `e`.
+/// Whether the engine routes `a`'s requests: its router chooses before the
+/// tower and leaves the decoder's depth alone (a router over the depth is
+/// not followed: the batch decodes every row through every layer).
+pub fn routes_images(a: &Assistant) -> bool {
+    a.model.router.is_some()
+        && a.model.config.routes_before_tower()
+        && a.model.config.router_light_layers.is_none()
+}
+
 fn fail<'a>(jobs: impl IntoIterator<Item = &'a Job>, e: autoglm::Error) {
     let e: ApiError = e.into();
     for job in jobs {

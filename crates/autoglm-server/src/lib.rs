@@ -150,12 +150,14 @@ impl Server {
                 cfg.model_dir.display()
             )));
         }
-        // The batched decode runs every row at the same depth: a routed
-        // model's light path is not taken here, every request gets the full
-        // decoder (the answers `--router-off` gives in `autoglm eval`).
-        if assistant.model.router.is_some() {
+        // The batched decode runs every row at the same depth: a router
+        // over the decoder's depth is not followed here, every request
+        // gets the full path (the answers `--router-off` gives in
+        // `autoglm eval`). A router that only chooses the image's path
+        // (before the tower) is followed.
+        if assistant.model.router.is_some() && !engine::routes_images(&assistant) {
             tracing::warn!(
-                "{}: this model has a router; the server does not route, every request takes the full path",
+                "{}: this model's router chooses the decoder's depth, which the server does not follow; every request takes the full path",
                 cfg.model_dir.display()
             );
         }

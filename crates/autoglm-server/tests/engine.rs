@@ -249,3 +249,82 @@ fn gone_clients_and_deadlines_end_their_sequences_only() {
         "the survivor is undisturbed"
     );
 }
+
+/// A router that chooses the image's path from the question, before the
+/// tower, is followed: with threshold 1 every row takes the light path (a
+/// smaller image) and gets the answer `ask` gives, not the full path's.
+#[test]
+fn a_router_before_the_tower_is_followed() {
+    use autoglm::fusion::router::Route;
+    use autoglm::train::vqa::{train_vqa, VqaTrainConfig};
+    let cfg: VqaTrainConfig = serde_json::from_value(serde_json::json!({
+        "data": {"kind": "easy-vqa"}, "vision": "cnn", "max_train_examples": 32,
+        "image_size": 16, "vision_hidden": 8, "vision_layers": 2,
+        "router_light_image_size": 8, "projector": "mlp", "text_hidden": 32,
+        "text_layers": 2, "text_heads": 2, "text_kv_heads": 1, "vocab_size": 200, "steps": 6,
+        "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 3,
+        "held_out_images": 0
+    }))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    train_vqa(&cfg, dir.path(), false, &mut |_| {}).unwrap();
+    let path = dir.path().join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    c["router_threshold"] = 1.0.into();
+    std::fs::write(&path, c.to_string()).unwrap();
+    let a = Arc::new(Assistant::load(dir.path(), &Device::Cpu).unwrap());
+    assert!(autoglm_server::engine::routes_images(&a));
+
+    let asks: Vec<Ask> = [
+        ("what color is the shape?", 3),
+        ("is there a circle?", 5),
+        ("what shape is in the image?", 9),
+        ("is the triangle red?", 11),
+    ]
+    .into_iter()
+    .map(|(question, seed)| Ask {
+        question,
+        images: vec![picture(seed)],
+        max_new: 6,
+        sampling: Sampling::default(),
+        stop: vec![],
+    })
+    .collect();
+    let mut engine = Engine::new(a.clone(), Arc::new(Metrics::new()), 4);
+    let mut rxs = Vec::new();
+    let mut waiting = VecDeque::new();
+    for q in &asks {
+        let (j, rx) = job(&a, q);
+        rxs.push(rx);
+        waiting.push_back(j);
+    }
+    for _ in 0..50 {
+        if engine.active() == 0 && waiting.is_empty() {
+            break;
+        }
+        engine.step(&mut waiting);
+    }
+    let mut differs = 0;
+    for (q, rx) in asks.iter().zip(&mut rxs) {
+        let mut out = Outcome::default();
+        drain(rx, &mut out);
+        assert!(out.failed.is_none(), "{:?}", out.failed);
+        let want = alone(&a, q);
+        assert_eq!(want.route, Some(Route::Light));
+        assert_eq!(out.pieces.concat(), want.text, "{}", q.question);
+        let full = GenerateConfig {
+            max_new_tokens: q.max_new,
+            layers: Some(2),
+            ..GenerateConfig::default()
+        };
+        let full = a
+            .ask(&q.images, q.question, &full, Overflow::Error, &mut |_| true)
+            .unwrap();
+        differs += usize::from(full.tokens != want.tokens);
+    }
+    assert!(
+        differs > 0,
+        "the light path answered as the full one: no check"
+    );
+}
