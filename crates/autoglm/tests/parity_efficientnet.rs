@@ -14,15 +14,19 @@ struct Reference {
     top5: std::collections::HashMap<String, Vec<(usize, String, f32)>>,
 }
 
+fn classifier(dev: &Device) -> ImageClassifier {
+    ImageClassifier::load(
+        &asset("efficientnet-lite0"),
+        &asset("imagenet").join("labels.txt"),
+        dev,
+    )
+    .unwrap()
+}
+
 #[test]
 fn logits_and_top5_match_pytorch_on_every_photo() {
     let dev = Device::Cpu;
-    let clf = ImageClassifier::load(
-        &asset("efficientnet-lite0"),
-        &asset("imagenet").join("labels.txt"),
-        &dev,
-    )
-    .unwrap();
+    let clf = classifier(&dev);
     let r: Reference = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("efficientnet/reference.json")).unwrap(),
     )
@@ -54,12 +58,7 @@ fn logits_and_top5_match_pytorch_on_every_photo() {
 #[test]
 fn stage_and_pooled_features_match_pytorch() {
     let dev = Device::Cpu;
-    let clf = ImageClassifier::load(
-        &asset("efficientnet-lite0"),
-        &asset("imagenet").join("labels.txt"),
-        &dev,
-    )
-    .unwrap();
+    let clf = classifier(&dev);
     let r: Reference = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("efficientnet/reference.json")).unwrap(),
     )
@@ -94,12 +93,7 @@ fn stage_and_pooled_features_match_pytorch() {
 #[test]
 fn stage_features_have_the_documented_shapes() {
     let dev = Device::Cpu;
-    let clf = ImageClassifier::load(
-        &asset("efficientnet-lite0"),
-        &asset("imagenet").join("labels.txt"),
-        &dev,
-    )
-    .unwrap();
+    let clf = classifier(&dev);
     let img = load(&asset("photos").join("chelsea.png"), ImageLimits::default()).unwrap();
     let x = clf.preprocess.batch(&[img], &dev).unwrap();
     let f = clf.model.forward_features(&x).unwrap();
@@ -125,12 +119,7 @@ fn stage_features_have_the_documented_shapes() {
 #[test]
 fn an_early_exit_pools_a_stage_onto_the_head_grid() {
     let dev = Device::Cpu;
-    let clf = ImageClassifier::load(
-        &asset("efficientnet-lite0"),
-        &asset("imagenet").join("labels.txt"),
-        &dev,
-    )
-    .unwrap();
+    let clf = classifier(&dev);
     let img = load(&asset("photos").join("chelsea.png"), ImageLimits::default()).unwrap();
     let x = clf.preprocess.batch(&[img], &dev).unwrap();
     let f = clf.model.forward_features(&x).unwrap();
