@@ -177,7 +177,12 @@ impl Llava {
     /// `pixels`: (N, 3, S, S) → (N, image_tokens, H_vision)
     pub fn vision_features(&self, pixels: &Tensor) -> Result<Tensor> {
         let vit = match &self.vision {
-            VisionTower::EfficientNet(e) => return e.head_tokens(pixels),
+            VisionTower::EfficientNet(e) => {
+                return match self.config.vision_config.feature_stage {
+                    Some(k) => e.stage_map_tokens(pixels, k),
+                    None => e.head_tokens(pixels),
+                }
+            }
             VisionTower::Conv(c) => return c.forward(pixels),
             VisionTower::Clip(v) => v,
         };

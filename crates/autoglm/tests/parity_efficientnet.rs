@@ -153,6 +153,24 @@ fn an_early_exit_pools_a_stage_onto_the_head_grid() {
         }
         assert!(worst < 1e-4, "stage {stage}: off by {worst}");
     }
+    // Without pooling (`vision_feature_stage`): one token per cell of the
+    // map, row-major, every channel.
+    let tokens = clf.model.stage_map_tokens(&x, 4).unwrap();
+    let want = f.stages[3]
+        .flatten_from(2)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    assert_eq!(tokens.dims(), &[1, 14 * 14, 80]);
+    let d = (tokens - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-5, "stage 4 map tokens off by {d}");
     for bad in [0, 8] {
         let e = clf.model.stage_tokens(&x, bad).unwrap_err().to_string();
         assert!(e.contains(&format!("stage {bad}")), "{e}");

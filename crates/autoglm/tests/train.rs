@@ -574,6 +574,37 @@ fn metrics_plot_to_png() {
     }
 }
 
+/// `vision_config.feature_stage`: EfficientNet's tokens are that stage's
+/// cells (stride 16 after stage 4: 8 × 8 at 128²; stride 4 after stage 2),
+/// as wide as its channels.
+#[test]
+fn a_feature_stage_sets_the_token_grid() {
+    let cfg = |stage: Option<usize>| -> LlavaConfig {
+        let mut v = serde_json::json!({
+            "image_token_index": 3, "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "full",
+            "vision_config": {"model_type": "efficientnet_lite0", "hidden_size": 1280,
+                              "image_size": 128},
+            "text_config": {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+                            "num_hidden_layers": 2, "num_attention_heads": 2,
+                            "max_position_embeddings": 256}
+        });
+        if let Some(k) = stage {
+            v["vision_config"]["feature_stage"] = k.into();
+        }
+        serde_json::from_value(v).unwrap()
+    };
+    let grid = |c: &LlavaConfig| (c.image_tokens(), c.vision_config.feature_width());
+    assert_eq!(grid(&cfg(None)), (16, 1280));
+    assert_eq!(grid(&cfg(Some(4))), (64, 80));
+    assert_eq!(grid(&cfg(Some(2))), (32 * 32, 24));
+    assert_eq!(grid(&cfg(Some(7))), (16, 320));
+    let path = std::path::Path::new("config.json");
+    assert!(cfg(Some(4)).validate(path).is_ok());
+    let e = cfg(Some(8)).validate(path).unwrap_err().to_string();
+    assert!(e.contains("feature_stage 8"), "{e}");
+}
+
 /// Impossible training configs are refused before any work, naming the field.
 #[test]
 fn bad_training_configs_name_the_field() {
@@ -625,6 +656,19 @@ fn bad_training_configs_name_the_field() {
     check(
         serde_json::json!({"router_light_tower_stage": 5}),
         "router_light_tower_stage",
+    );
+    check(
+        serde_json::json!({"vision_feature_stage": 4}),
+        "vision_feature_stage",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "vision_feature_stage": 0}),
+        "vision_feature_stage",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "vision_feature_stage": 4,
+            "router_light_tower_stage": 4}),
+        "vision_feature_stage",
     );
     check(
         serde_json::json!({"vision": "efficientnet-lite0", "router_light_tower_stage": 8}),

@@ -406,6 +406,14 @@ impl LlavaConfig {
                 ));
             }
         }
+        if self.vision_config.feature_stage.is_some()
+            && (self.router_light_tower_stage.is_some() || self.router_light_image_size.is_some())
+        {
+            return Err(invalid(
+                path,
+                "vision_config.feature_stage with a router's light image path (router_light_tower_stage, router_light_image_size): the light paths assume the head's tokens; drop one".into(),
+            ));
+        }
         if let Some(k) = self.router_light_tower_stage {
             let stages = crate::vision::efficientnet::EfficientNetConfig::lite0()
                 .stages
@@ -505,7 +513,10 @@ impl LlavaConfig {
 
     pub fn image_tokens(&self) -> usize {
         if self.vision_config.is_efficientnet() {
-            let g = self.vision_config.image_size / 32;
+            let stride = self.vision_config.feature_stage.map_or(32, |k| {
+                crate::vision::efficientnet::EfficientNetConfig::lite0().stride_after(k)
+            });
+            let g = self.vision_config.image_size / stride;
             return g * g;
         }
         if self.vision_config.is_conv() {

@@ -221,6 +221,10 @@ pub struct ClipVisionConfig {
     /// Not in HF's config, [`CONV_VISION`] only: a feature pyramid with
     /// channel and spatial attention over the last two stages.
     pub fpn: bool,
+    /// Not in HF's config, [`EFFICIENTNET_LITE0`] only: the image tokens
+    /// are the cells of this stage's map (1-based, of 7; the later stages
+    /// and the head do not run), not of the head's.
+    pub feature_stage: Option<usize>,
 }
 
 impl Default for ClipVisionConfig {
@@ -240,6 +244,7 @@ impl Default for ClipVisionConfig {
             attention_block_size: None,
             feature_fusion: None,
             fpn: false,
+            feature_stage: None,
         }
     }
 }
@@ -270,9 +275,15 @@ impl ClipVisionConfig {
     /// Width of the features the tower hands the projector.
     pub fn feature_width(&self) -> usize {
         if self.is_conv() {
-            self.conv().token_width()
-        } else {
-            self.hidden_size
+            return self.conv().token_width();
+        }
+        match self.feature_stage.filter(|_| self.is_efficientnet()) {
+            Some(k) => crate::vision::efficientnet::EfficientNet::stage_width(
+                &crate::vision::efficientnet::EfficientNetConfig::lite0(),
+                k,
+            )
+            .unwrap_or(0),
+            None => self.hidden_size,
         }
     }
 
@@ -289,6 +300,17 @@ impl ClipVisionConfig {
                 .conv()
                 .check()
                 .map_err(|(field, why)| invalid(path, format!("vision_config.{field}: {why}")));
+        }
+        if let Some(k) = self.feature_stage {
+            let stages = crate::vision::efficientnet::EfficientNetConfig::lite0()
+                .stages
+                .len();
+            if !self.is_efficientnet() || k == 0 || k > stages {
+                return Err(invalid(
+                    path,
+                    format!("vision_config: feature_stage {k} must name one of the {EFFICIENTNET_LITE0} tower's stages 1..={stages}"),
+                ));
+            }
         }
         if self.is_efficientnet() {
             if self.hidden_size != 1280 || self.image_size == 0 || self.image_size % 32 != 0 {

@@ -173,6 +173,11 @@ pub struct VqaTrainConfig {
     /// question alone, before the tower runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_light_tower_stage: Option<usize>,
+    /// `efficientnet-lite0` only: the image tokens are the cells of this
+    /// stage's map (1-based, of 7; a finer grid, fewer channels) instead
+    /// of the head's, and the later stages do not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_feature_stage: Option<usize>,
     /// λ of the router's cost penalty: the full path is worth its extra
     /// cost where it lowers an example's loss by more than λ × the share
     /// of the cost it saves. The light path costs its share of the
@@ -302,6 +307,22 @@ impl VqaTrainConfig {
                 );
             }
         }
+        if let Some(k) = self.vision_feature_stage {
+            let stages = EfficientNetConfig::lite0().stages.len();
+            if !effnet || k == 0 || k > stages {
+                return bad(
+                    "vision_feature_stage",
+                    format!("{k}: needs `efficientnet-lite0` and one of its stages 1..={stages}"),
+                );
+            }
+            if self.router_light_tower_stage.is_some() || self.router_light_image_size.is_some() {
+                return bad(
+                    "vision_feature_stage",
+                    "the router's light image paths assume the head's tokens; drop one of the two"
+                        .into(),
+                );
+            }
+        }
         if let Some(k) = self.router_light_tower_stage {
             let stages = EfficientNetConfig::lite0().stages.len();
             if !effnet || k == 0 || k > stages {
@@ -390,7 +411,10 @@ impl VqaTrainConfig {
         // The decoder's context (256 positions) must hold the image tokens
         // and a question with its answer.
         let image_tokens = if effnet {
-            (self.image_size / 32).pow(2)
+            let stride = self
+                .vision_feature_stage
+                .map_or(32, |k| EfficientNetConfig::lite0().stride_after(k));
+            (self.image_size / stride).pow(2)
         } else if cnn {
             self.conv().tokens()
         } else {
@@ -583,8 +607,12 @@ pub fn load_data(src: &DataSource, split: &str) -> Result<Vec<VqaExample>> {
 
 fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
     let vision = if c.vision == "efficientnet-lite0" {
-        serde_json::json!({"model_type": crate::config::EFFICIENTNET_LITE0, "hidden_size": 1280,
-            "image_size": c.image_size})
+        let mut v = serde_json::json!({"model_type": crate::config::EFFICIENTNET_LITE0,
+            "hidden_size": 1280, "image_size": c.image_size});
+        if let Some(k) = c.vision_feature_stage {
+            v["feature_stage"] = k.into();
+        }
+        v
     } else if c.vision == "cnn" {
         let mut v = serde_json::json!({"model_type": crate::config::CONV_VISION,
             "hidden_size": c.vision_hidden, "num_hidden_layers": c.vision_layers,

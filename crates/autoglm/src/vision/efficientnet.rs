@@ -70,6 +70,17 @@ impl EfficientNetConfig {
         }
     }
 
+    /// How many pixels of the image one cell of stage `stage`'s map spans
+    /// (1-based; the stem's 2 times the strides of stages 1..=stage).
+    pub fn stride_after(&self, stage: usize) -> usize {
+        2 * self
+            .stages
+            .iter()
+            .take(stage)
+            .map(|s| s.stride)
+            .product::<usize>()
+    }
+
     /// Our preprocessing, the usual PyTorch ImageNet evaluation pipeline:
     /// torchvision `Resize(256)` (PIL bilinear) + `CenterCrop(224)`, then the
     /// Lite models' TF normalisation `(p − 127) / 128`, i.e. mean 127/255, std
@@ -402,6 +413,27 @@ impl EfficientNet {
     /// (B, (H/32)·(W/32), C_stage)
     pub fn stage_tokens(&self, x: &Tensor, stage: usize) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
+        let m = self.stage_map(x, stage)?;
+        let (_, mh, mw, _) = m.dims4()?; // NHWC
+        let (gh, gw) = (h / 32, w / 32);
+        let nchw = m.permute((0, 3, 1, 2))?;
+        let pooled = nchw.avg_pool2d((mh / gh, mw / gw))?;
+        Ok(pooled.flatten_from(2)?.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// The map after stage `stage` (1-based) as tokens, one per cell,
+    /// row-major: a finer grid than the head's, with fewer channels.
+    ///
+    /// # Shapes
+    /// `x`: (B, 3, H, W), normalised, H and W multiples of 32 →
+    /// (B, (H/s)·(W/s), C_stage) with s = [`EfficientNetConfig::stride_after`]
+    pub fn stage_map_tokens(&self, x: &Tensor, stage: usize) -> Result<Tensor> {
+        Ok(self.stage_map(x, stage)?.flatten(1, 2)?)
+    }
+
+    /// NHWC (B, H/s, W/s, C_stage)
+    fn stage_map(&self, x: &Tensor, stage: usize) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
         if stage == 0 || stage > self.stages.len() || h % 32 != 0 || w % 32 != 0 {
             return Err(Error::Invalid(format!(
                 "EfficientNet stage tokens: stage {stage} of 1..={} on a {h}×{w} image (sides multiples of 32)",
@@ -412,11 +444,7 @@ impl EfficientNet {
         for block in self.stages[..stage].iter().flatten() {
             m = block.forward(&m)?;
         }
-        let (_, mh, mw, _) = m.dims4()?; // NHWC
-        let (gh, gw) = (h / 32, w / 32);
-        let nchw = m.permute((0, 3, 1, 2))?;
-        let pooled = nchw.avg_pool2d((mh / gh, mw / gw))?;
-        Ok(pooled.flatten_from(2)?.transpose(1, 2)?.contiguous()?)
+        Ok(m)
     }
 
     /// Channels of stage `stage`'s map (1-based).
