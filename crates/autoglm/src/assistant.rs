@@ -198,7 +198,8 @@ impl Assistant {
         let mut cfg = cfg.clone();
         // A routed model picks its path, unless the caller fixed the depth:
         // from the question before the tower runs (the light path then
-        // sees a smaller image), or from the prompt's embeddings after it.
+        // sees a smaller image or leaves the tower early), or from the
+        // prompt's embeddings after it.
         let mut route = None;
         if cfg.layers.is_none() {
             if let Some(r) = self.model.route_question(&ids)? {

@@ -26,7 +26,8 @@ pub(crate) struct ImageCache {
 }
 
 /// The flip bit that asks [`ImageCache::batch`] for the features of the
-/// router's light path (the image pooled to `router_light_image_size`).
+/// router's light path (the image pooled to `router_light_image_size`, or
+/// the tower left after `router_light_tower_stage`).
 pub(crate) const LIGHT: u8 = 4;
 
 /// The most bytes of decoded pixels the cache holds.
@@ -76,7 +77,7 @@ impl ImageCache {
 
     /// Runs the (frozen) vision tower once over every image with each of
     /// `flips`, keeping the features and dropping the pixels. A model
-    /// whose router's light path sees a smaller image gets that path's
+    /// whose router chooses before the tower gets its light path's
     /// features too, under each flip with the [`LIGHT`] bit.
     pub(crate) fn precompute_features(&mut self, model: &Llava, flips: &[u8]) -> Result<()> {
         let mut paths: Vec<PathBuf> = self.pixels.keys().cloned().collect();
