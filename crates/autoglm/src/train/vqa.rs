@@ -181,8 +181,9 @@ pub struct VqaTrainConfig {
     /// λ of the router's cost penalty: the full path is worth its extra
     /// cost where it lowers an example's loss by more than λ × the share
     /// of the cost it saves. The light path costs its share of the
-    /// decoder's layers times its share of the image's pixels (each 1 when
-    /// that part is not made lighter).
+    /// decoder's layers times its share of the tower: of the image's
+    /// pixels, or of the tower's blocks and head (each 1 when that part is
+    /// not made lighter).
     #[serde(default = "router_cost")]
     pub router_cost_weight: f64,
     /// A gated cross-attention block (Flamingo's, tanh gates at 0) before
@@ -924,8 +925,9 @@ pub fn train_vqa(
         let px = images.batch(idx.iter().map(|&i| &train[i].image), &flips)?;
         let rows: Vec<&Encoded> = idx.iter().map(|&i| &train_ids[i]).collect();
         if model.router.is_some() {
-            // The light path's smaller image: pooled from the pixels, or
-            // the frozen tower's features of it, computed beforehand.
+            // The light path's image: the same pixels (its features are
+            // computed in the loss), or the frozen tower's light-path
+            // features, computed beforehand.
             let light = if model.config.routes_before_tower() {
                 let small: Vec<u8> = flips.iter().map(|f| f | LIGHT).collect();
                 Some(images.batch(idx.iter().map(|&i| &train[i].image), &small)?)
