@@ -69,6 +69,8 @@ fn start(model: &std::path::Path, max_batch: usize) -> Result<Child_> {
         .args(["serve", "--port", "0", "--queue", "256"])
         .arg("--model")
         .arg(model)
+        // The requests name the model `autoglm-tiny`, whichever is served.
+        .args(["--model-name", "autoglm-tiny"])
         .args(["--max-batch", &max_batch.to_string()])
         .args(["--max-body-bytes", &MAX_BODY.to_string()])
         .env("AUTOGLM_API_KEYS", KEY)
@@ -308,7 +310,16 @@ pub fn serve(g: &Global, a: ServeBenchArgs) -> Result<()> {
     );
     let srv = start(&model, a.max_batch)?;
     let pid = srv.child.id();
-    run_load(&srv.base, &chat_kinds, a.clients, 5); // warm-up
+    let warm = run_load(&srv.base, &chat_kinds, a.clients, 5);
+    if warm.latencies.is_empty() {
+        bail!(
+            "no chat request succeeded in the 5 s warm-up against {}: {}",
+            model.display(),
+            warm.unexpected
+                .first()
+                .map_or("no answer at all", String::as_str)
+        );
+    }
     let rss_warm = rss_mib(pid);
     let mut batched = run_load(&srv.base, &chat_kinds, a.clients, a.seconds);
     let rss_after_load = rss_mib(pid);
