@@ -162,14 +162,7 @@ fn an_early_exit_pools_a_stage_onto_the_head_grid() {
         .transpose(1, 2)
         .unwrap();
     assert_eq!(tokens.dims(), &[1, 14 * 14, 80]);
-    let d = (tokens - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&tokens, &want);
     assert!(d < 1e-5, "stage 4 map tokens off by {d}");
     for bad in [0, 8] {
         let e = clf.model.stage_tokens(&x, bad).unwrap_err().to_string();
