@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::LlavaConfig;
@@ -178,10 +178,24 @@ impl Llava {
     pub fn vision_features(&self, pixels: &Tensor) -> Result<Tensor> {
         let vit = match &self.vision {
             VisionTower::EfficientNet(e) => {
-                return match self.config.vision_config.feature_stage {
-                    Some(k) => e.stage_map_tokens(pixels, k),
-                    None => e.head_tokens(pixels),
+                let tokens = match self.config.vision_config.feature_stage {
+                    Some(k) => e.stage_map_tokens(pixels, k)?,
+                    None => e.head_tokens(pixels)?,
+                };
+                if !self.config.vision_config.token_coords {
+                    return Ok(tokens);
                 }
+                let (n, t, _) = tokens.dims3()?;
+                let g = (t as f64).sqrt().round() as usize;
+                if g * g != t {
+                    return Err(Error::Invalid(format!(
+                        "token_coords needs a square grid of tokens, got {t}; use a square image"
+                    )));
+                }
+                let coords = crate::vision::convnet::grid_coords(g, tokens.device())?
+                    .unsqueeze(0)?
+                    .expand((n, t, 2))?;
+                return Ok(Tensor::cat(&[&tokens, &coords], D::Minus1)?);
             }
             VisionTower::Conv(c) => return c.forward(pixels),
             VisionTower::Clip(v) => v,

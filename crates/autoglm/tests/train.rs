@@ -603,6 +603,50 @@ fn a_feature_stage_sets_the_token_grid() {
     assert!(cfg(Some(4)).validate(path).is_ok());
     let e = cfg(Some(8)).validate(path).unwrap_err().to_string();
     assert!(e.contains("feature_stage 8"), "{e}");
+
+    // token_coords: each token gains its cell's centre after its channels,
+    // and the channels are the same as without.
+    let with_coords = |stage| {
+        let mut c = cfg(stage);
+        c.vision_config.token_coords = true;
+        c
+    };
+    assert_eq!(grid(&with_coords(Some(4))), (64, 82));
+    assert_eq!(grid(&with_coords(None)), (16, 1282));
+    let build = |vm: &VarMap, c: &LlavaConfig| {
+        Llava::new(VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu), c).unwrap()
+    };
+    let (vm, vm_coords) = (VarMap::new(), VarMap::new());
+    let plain = build(&vm, &cfg(Some(4)));
+    let coords = build(&vm_coords, &with_coords(Some(4)));
+    // The same tower weights in both (the projectors differ in width).
+    let theirs = vm.data().lock().unwrap();
+    for (name, var) in vm_coords.data().lock().unwrap().iter() {
+        if name.starts_with("vision_tower") {
+            var.set(theirs[name].as_tensor()).unwrap();
+        }
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let px: Vec<f32> = (0..2 * 3 * 128 * 128)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let px = Tensor::from_vec(px, (2, 3, 128, 128), &Device::Cpu).unwrap();
+    let a = plain.vision_features(&px).unwrap();
+    let b = coords.vision_features(&px).unwrap();
+    assert_eq!(b.dims(), &[2, 64, 82]);
+    assert_eq!(common::max_abs_diff(&b.narrow(2, 0, 80).unwrap(), &a), 0.0);
+    // Row-major 8 × 8 cells: token 8·r + c has x = (2c + 1)/8 − 1 and
+    // y = (2r + 1)/8 − 1.
+    let xy = b.narrow(2, 80, 2).unwrap().to_vec3::<f32>().unwrap();
+    for (i, p) in xy[1].iter().enumerate() {
+        let at = |k: usize| (2 * k + 1) as f32 / 8.0 - 1.0;
+        assert_eq!(p, &vec![at(i % 8), at(i / 8)], "token {i}");
+    }
+    let mut vit = cfg(None);
+    vit.vision_config.model_type = None;
+    vit.vision_config.token_coords = true;
+    let e = vit.validate(path).unwrap_err().to_string();
+    assert!(e.contains("token_coords"), "{e}");
 }
 
 /// Impossible training configs are refused before any work, naming the field.
@@ -631,6 +675,20 @@ fn bad_training_configs_name_the_field() {
         "image_size",
     );
     check(serde_json::json!({"projector": "none"}), "projector");
+    check(
+        serde_json::json!({"vision_token_coords": true}),
+        "vision_token_coords",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "vision_token_coords": true,
+                           "router_light_tower_stage": 4}),
+        "vision_token_coords",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "vision_feature_stage": 4,
+                           "vision_token_coords": true, "projector": "none", "text_hidden": 80}),
+        "projector",
+    );
     check(serde_json::json!({"steps": 0}), "steps");
     check(serde_json::json!({"attention_top_k": 0}), "attention_top_k");
     check(

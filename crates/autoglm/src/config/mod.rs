@@ -225,6 +225,11 @@ pub struct ClipVisionConfig {
     /// are the cells of this stage's map (1-based, of 7; the later stages
     /// and the head do not run), not of the head's.
     pub feature_stage: Option<usize>,
+    /// Not in HF's config, [`EFFICIENTNET_LITE0`] only: each image token
+    /// carries its cell's centre (x, y) in [-1, 1] after its channels, as
+    /// the [`CONV_VISION`] encoder's tokens always do. A decoder reads a
+    /// token's place from its position in the prompt otherwise.
+    pub token_coords: bool,
 }
 
 impl Default for ClipVisionConfig {
@@ -245,6 +250,7 @@ impl Default for ClipVisionConfig {
             feature_fusion: None,
             fpn: false,
             feature_stage: None,
+            token_coords: false,
         }
     }
 }
@@ -277,14 +283,16 @@ impl ClipVisionConfig {
         if self.is_conv() {
             return self.conv().token_width();
         }
-        match self.feature_stage.filter(|_| self.is_efficientnet()) {
-            Some(k) => crate::vision::efficientnet::EfficientNet::stage_width(
-                &crate::vision::efficientnet::EfficientNetConfig::lite0(),
-                k,
-            )
-            .unwrap_or(0),
-            None => self.hidden_size,
-        }
+        let coords = if self.token_coords { 2 } else { 0 };
+        coords
+            + match self.feature_stage.filter(|_| self.is_efficientnet()) {
+                Some(k) => crate::vision::efficientnet::EfficientNet::stage_width(
+                    &crate::vision::efficientnet::EfficientNetConfig::lite0(),
+                    k,
+                )
+                .unwrap_or(0),
+                None => self.hidden_size,
+            }
     }
 
     /// Checks the head layout and that the image holds at least one patch.
@@ -293,6 +301,12 @@ impl ClipVisionConfig {
             return Err(invalid(
                 path,
                 format!("vision_config: feature_fusion and fpn fuse the stages of the convolutional encoder; set model_type `{CONV_VISION}` or drop them"),
+            ));
+        }
+        if self.token_coords && !self.is_efficientnet() {
+            return Err(invalid(
+                path,
+                format!("vision_config: token_coords appends (x, y) to the {EFFICIENTNET_LITE0} tower's tokens; the `{CONV_VISION}` encoder's carry them already and a ViT's have position embeddings. Drop it"),
             ));
         }
         if self.is_conv() {

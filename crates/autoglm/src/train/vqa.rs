@@ -178,6 +178,10 @@ pub struct VqaTrainConfig {
     /// of the head's, and the later stages do not run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vision_feature_stage: Option<usize>,
+    /// `efficientnet-lite0` only: each image token carries its cell's
+    /// centre (x, y) after its channels, as the `cnn` tower's do.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vision_token_coords: bool,
     /// λ of the router's cost penalty: the full path is worth its extra
     /// cost where it lowers an example's loss by more than λ × the share
     /// of the cost it saves. The light path costs its share of the
@@ -324,6 +328,21 @@ impl VqaTrainConfig {
                 );
             }
         }
+        if self.vision_token_coords {
+            if !effnet {
+                return bad(
+                    "vision_token_coords",
+                    "appends (x, y) to `efficientnet-lite0`'s tokens; the `cnn` tower's carry them already and a ViT's have position embeddings".into(),
+                );
+            }
+            if self.router_light_tower_stage.is_some() || self.router_light_image_size.is_some() {
+                return bad(
+                    "vision_token_coords",
+                    "the router's light image paths assume the head's tokens without coordinates; drop one of the two"
+                        .into(),
+                );
+            }
+        }
         if let Some(k) = self.router_light_tower_stage {
             let stages = EfficientNetConfig::lite0().stages.len();
             if !effnet || k == 0 || k > stages {
@@ -453,11 +472,22 @@ impl VqaTrainConfig {
                 );
             }
         }
-        if effnet && self.projector == "none" && self.text_hidden != 1280 {
-            return bad(
-                "projector",
-                "`none` with EfficientNet-Lite0 needs text_hidden 1280 (its width)".into(),
-            );
+        if effnet && self.projector == "none" {
+            let lite0 = EfficientNetConfig::lite0();
+            let width = self
+                .vision_feature_stage
+                .and_then(|k| crate::vision::efficientnet::EfficientNet::stage_width(&lite0, k))
+                .unwrap_or(1280)
+                + if self.vision_token_coords { 2 } else { 0 };
+            if width != self.text_hidden {
+                return bad(
+                    "projector",
+                    format!(
+                        "`none` needs EfficientNet-Lite0's token width ({width}) to equal text_hidden {}",
+                        self.text_hidden
+                    ),
+                );
+            }
         }
         Ok(effnet)
     }
@@ -612,6 +642,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
             "hidden_size": 1280, "image_size": c.image_size});
         if let Some(k) = c.vision_feature_stage {
             v["feature_stage"] = k.into();
+        }
+        if c.vision_token_coords {
+            v["token_coords"] = true.into();
         }
         v
     } else if c.vision == "cnn" {
