@@ -115,6 +115,92 @@ fn model(seed: u64) -> (VarMap, Llava) {
     (vm, m)
 }
 
+/// Questions that share an image, trained from one pass over the image's
+/// prefix, give the loss and gradients of each question with its own copy
+/// of the image: with plain prefix tokens, and with the decoder's
+/// cross-attention blocks reading the image too.
+#[test]
+fn questions_sharing_an_image_train_as_they_would_one_by_one() {
+    use autoglm::train::vqa::{answer_logits, shared_image_answer_logits, Encoded, Images};
+    for cross in [false, true] {
+        let mut cfg = tiny();
+        if cross {
+            cfg.text_config.cross_attention_every = Some(1);
+        }
+        let vm = VarMap::new();
+        let m = Llava::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for v in vm.all_vars() {
+            // Gates open, so that the cross-attention blocks matter.
+            let noise: Vec<f32> = (0..v.elem_count())
+                .map(|_| rng.random::<f32>() * 0.6 - 0.3)
+                .collect();
+            v.set(&Tensor::from_vec(noise, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        // Image first: BOS, the image, then a question of 2..6 ids; an
+        // answer of 1..3 ids.
+        let row = |rng: &mut rand::rngs::StdRng| {
+            let mut ids = vec![1u32, 3];
+            let n = rng.random_range(2..7);
+            ids.extend((0..n).map(|_| rng.random_range(4..30u32)));
+            let n = rng.random_range(1..4);
+            Encoded {
+                prompt: m.expand_image_tokens(&ids, 1).unwrap(),
+                answer: (0..n).map(|_| rng.random_range(4..30u32)).collect(),
+            }
+        };
+        let groups: Vec<Vec<Encoded>> = vec![
+            (0..3).map(|_| row(&mut rng)).collect(),
+            (0..2).map(|_| row(&mut rng)).collect(),
+        ];
+        let px: Vec<f32> = (0..2 * 3 * 16 * 16).map(|_| rng.random::<f32>()).collect();
+        let px = Tensor::from_vec(px, (2, 3, 16, 16), &Device::Cpu).unwrap();
+
+        let shared: Vec<Vec<&Encoded>> = groups.iter().map(|g| g.iter().collect()).collect();
+        let (ls, ts) = shared_image_answer_logits(&m, &shared, Images::Pixels(&px)).unwrap();
+        let rows: Vec<&Encoded> = groups.iter().flatten().collect();
+        let each = Tensor::new(&[0u32, 0, 0, 1, 1], &Device::Cpu).unwrap();
+        let px_each = px.index_select(&each, 0).unwrap();
+        let (lo, to) = answer_logits(&m, &rows, Images::Pixels(&px_each)).unwrap();
+        assert_eq!(ts.to_vec1::<u32>().unwrap(), to.to_vec1::<u32>().unwrap());
+        let d = common::max_abs_diff(&ls, &lo);
+        assert!(d < 1e-5, "cross {cross}: logits differ by {d}");
+
+        let grads = |l: &Tensor, t: &Tensor| {
+            candle_nn::loss::cross_entropy(l, t)
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (gs, go) = (grads(&ls, &ts), grads(&lo, &to));
+        for (name, v) in named_vars(&vm) {
+            let (a, b) = (gs.get(&v), go.get(&v));
+            match (a, b) {
+                (Some(a), Some(b)) => {
+                    let d = common::max_abs_diff(a, b);
+                    assert!(d < 1e-5, "cross {cross}: {name}'s gradients differ by {d}");
+                }
+                (None, None) => {}
+                _ => panic!("cross {cross}: {name} has a gradient on one side only"),
+            }
+        }
+        // The image must come first: a question before it is no shared prefix.
+        let mut late = groups[0][1].prompt.clone();
+        late.retain(|&i| i != 3);
+        late.extend(m.expand_image_tokens(&[3], 1).unwrap());
+        let odd = Encoded {
+            prompt: late,
+            answer: vec![5],
+        };
+        let bad = vec![vec![&groups[0][0], &odd]];
+        let e = shared_image_answer_logits(&m, &bad, Images::Pixels(&px.narrow(0, 0, 1).unwrap()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image before the question"), "{e}");
+    }
+}
+
 fn named_vars(vm: &VarMap) -> Vec<(String, Var)> {
     let data = vm.data().lock().unwrap();
     let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -675,6 +761,18 @@ fn bad_training_configs_name_the_field() {
         "image_size",
     );
     check(serde_json::json!({"projector": "none"}), "projector");
+    check(
+        serde_json::json!({"questions_per_image": 3}),
+        "questions_per_image",
+    );
+    check(
+        serde_json::json!({"questions_per_image": 4, "image_after_question": true}),
+        "questions_per_image",
+    );
+    check(
+        serde_json::json!({"questions_per_image": 4, "image_text_attention_heads": 2}),
+        "questions_per_image",
+    );
     check(
         serde_json::json!({"vision_token_coords": true}),
         "vision_token_coords",

@@ -494,10 +494,9 @@ impl LlavaConfig {
         ProjectorKind::parse(&self.projector_type)
     }
 
-    /// Image tokens per image: patches, plus the class token with `full`
-    /// (EfficientNet: the cells of its stride-32 head map).
     /// Whether the model has a router (a light path of fewer decoder
-    /// layers, a smaller image, or both).
+    /// layers, a smaller image or an early exit from the tower, or fewer
+    /// layers with one of the two).
     pub fn has_router(&self) -> bool {
         self.router_light_layers.is_some()
             || self.router_light_image_size.is_some()
@@ -511,6 +510,9 @@ impl LlavaConfig {
         self.router_light_image_size.is_some() || self.router_light_tower_stage.is_some()
     }
 
+    /// Image tokens per image: patches, plus the class token with `full`
+    /// (EfficientNet: the cells of its stride-32 head map, or of the map
+    /// after `feature_stage`; the `cnn` encoder: the cells of its last map).
     pub fn image_tokens(&self) -> usize {
         if self.vision_config.is_efficientnet() {
             let stride = self.vision_config.feature_stage.map_or(32, |k| {

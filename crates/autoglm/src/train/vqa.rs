@@ -113,6 +113,17 @@ pub struct VqaTrainConfig {
     /// splitting each operation over threads.
     #[serde(default = "one")]
     pub workers: usize,
+    /// Questions of one image trained together: each step draws
+    /// `batch_size / questions_per_image` images and that many of each
+    /// one's questions, and the decoder reads each image's prompt prefix
+    /// (the template and the image tokens) once, the questions continuing
+    /// from its cache ([`shared_image_answer_logits`]). The loss is the one
+    /// the questions would give one by one; a step costs less where the
+    /// image tokens outnumber the question's. Needs the image before the
+    /// question (`image_after_question` false) and no router or
+    /// image→text attention, whose image tokens depend on the question.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub questions_per_image: usize,
     /// Standard deviation of the initial weights.
     /// Standard deviation of the initial weights; absent: 1/√fan-in per
     /// tensor. HF's fixed 0.02 suits 4,096-wide models; at width 128 it
@@ -207,6 +218,10 @@ fn is_zero(x: &f64) -> bool {
     *x == 0.0
 }
 
+fn is_one(x: &usize) -> bool {
+    *x == 1
+}
+
 fn router_cost() -> f64 {
     0.3
 }
@@ -253,6 +268,33 @@ impl VqaTrainConfig {
         }
         if self.steps == 0 || self.batch_size == 0 {
             return bad("steps/batch_size", "must be positive".into());
+        }
+        if self.questions_per_image != 1 {
+            let q = self.questions_per_image;
+            let why = if q == 0 || self.batch_size % (q * self.workers.max(1)) != 0 {
+                Some(format!(
+                    "{q} must be positive and divide batch_size {} into equal parts for each of the {} workers",
+                    self.batch_size, self.workers
+                ))
+            } else if self.image_after_question {
+                Some("the questions share the image's prefix, so the image must come first: set image_after_question false".into())
+            } else if self.blind {
+                Some("a blind model has no image to share".into())
+            } else if self.image_text_attention_heads.is_some() {
+                Some("image→text attention makes the image tokens depend on the question; drop one of the two".into())
+            } else if self.router_light_layers.is_some()
+                || self.router_light_image_size.is_some()
+                || self.router_light_tower_stage.is_some()
+            {
+                Some("a router chooses each question's path; drop one of the two".into())
+            } else if self.open_first_steps > 0 {
+                Some("open_first_steps draws single questions; drop one of the two".into())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return bad("questions_per_image", why);
+            }
         }
         if let Some(h) = self.image_text_attention_heads {
             if h == 0 || self.text_hidden % h != 0 {
@@ -933,7 +975,61 @@ pub fn train_vqa(
             .map(|&j| pool.map_or(j, |p| p[j]))
             .collect()
     };
+    // With `questions_per_image`: each step's images, and each image's
+    // questions, a different window of them in each epoch over the images.
+    let q = c.questions_per_image;
+    let by_image: Vec<Vec<usize>> = if q > 1 {
+        let mut m: std::collections::BTreeMap<&Path, Vec<usize>> = Default::default();
+        for (i, e) in train.iter().enumerate() {
+            m.entry(e.image.as_path()).or_default().push(i);
+        }
+        m.into_values().collect()
+    } else {
+        Vec::new()
+    };
+    let groups_of = |step: usize| -> Vec<Vec<usize>> {
+        let (g, n) = (c.batch_size / q, by_image.len());
+        let per_epoch = (n / g).max(1);
+        let epoch = step / per_epoch;
+        let order = epoch_order(n, c.seed, epoch as u64, true);
+        let start = (step % per_epoch) * g;
+        order[start..(start + g).min(n)]
+            .iter()
+            .map(|&i| {
+                let qs = &by_image[i];
+                let own = epoch_order(qs.len(), c.seed ^ (i as u64).wrapping_add(1), 0, true);
+                (0..q.min(qs.len()))
+                    .map(|k| qs[own[(epoch * q + k) % qs.len()]])
+                    .collect()
+            })
+            .collect()
+    };
+    let grouped_loss = |step: usize, part: usize| -> Result<Tensor> {
+        let groups = groups_of(step);
+        let per_part = c.batch_size / q / c.workers;
+        let lo = (part * per_part).min(groups.len());
+        let groups = &groups[lo..(lo + per_part).min(groups.len())];
+        let flips: Vec<u8> = (0..groups.len())
+            .map(|k| {
+                if c.augment {
+                    (mix(c.seed, step as u64, (lo + k) as u64) & 1) as u8
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let px = images.batch(groups.iter().map(|g| &train[g[0]].image), &flips)?;
+        let rows: Vec<Vec<&Encoded>> = groups
+            .iter()
+            .map(|g| g.iter().map(|&i| &train_ids[i]).collect())
+            .collect();
+        let (logits, targets) = shared_image_answer_logits(&model, &rows, px.as_ref())?;
+        Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+    };
     let loss = |step: usize, part: usize| -> Result<Tensor> {
+        if q > 1 {
+            return grouped_loss(step, part);
+        }
         let batch = &batch_of(step)[..];
         let lo = (part * micro).min(batch.len());
         let idx = &batch[lo..(lo + micro).min(batch.len())];
@@ -1125,6 +1221,111 @@ impl ImageBatch {
 pub fn answer_logits(model: &Llava, rows: &[&Encoded], images: Images) -> Result<(Tensor, Tensor)> {
     let a = answer_hidden(model, rows, images, &[model.lm.depth()])?;
     Ok((model.lm.logits(&a.hidden[0])?, a.targets))
+}
+
+/// [`answer_logits`] for rows that come in groups sharing one image, the
+/// image before the question: each group's prompt up to its last image
+/// token (the same for all its rows) runs through the decoder once, and
+/// its rows continue from that cache, each with its own question and
+/// answer. The logits are those of [`answer_logits`] on the same rows,
+/// each with its group's image; the image prefix is computed once per
+/// image instead of once per row.
+///
+/// `groups[g]`: the rows of image g; `images`: one image per group.
+///
+/// # Shapes
+/// → logits (A, V), targets (A), rows in group order.
+pub fn shared_image_answer_logits(
+    model: &Llava,
+    groups: &[Vec<&Encoded>],
+    images: Images,
+) -> Result<(Tensor, Tensor)> {
+    let tok = model.config.image_token_index;
+    let bad = |why: String| Err(Error::Invalid(format!("shared-image batch: {why}")));
+    let Some(first) = groups.first().and_then(|g| g.first()) else {
+        return bad("no rows".into());
+    };
+    // The shared prefix: through the last image token.
+    let Some(p) = first.prompt.iter().rposition(|&i| i == tok).map(|i| i + 1) else {
+        return bad("the prompt holds no image token".into());
+    };
+    let mut prefix = Vec::with_capacity(groups.len());
+    let mut row_group = Vec::new();
+    for (g, rows) in groups.iter().enumerate() {
+        let Some(head) = rows.first() else {
+            return bad(format!("group {g} has no rows"));
+        };
+        for r in rows {
+            if r.prompt.len() <= p
+                || r.prompt[..p] != head.prompt[..p]
+                || head.prompt[..p] != first.prompt[..p]
+            {
+                return bad(format!(
+                    "the rows of group {g} do not all share the {p}-token prompt prefix through the image; put the image before the question"
+                ));
+            }
+            row_group.push(g as u32);
+        }
+        prefix.push(head.prompt[..p].to_vec());
+    }
+    let dev = model.lm.embed_tokens_device().clone();
+    let feats = match images {
+        Images::Pixels(px) => model.image_features(px)?,
+        Images::VisionFeatures(f) => model.projector.forward(f)?,
+        Images::Projected(f) => f.clone(),
+        Images::None => return bad("no images".into()),
+    };
+    let depth = model.lm.depth();
+    let context = model.lm.config.cross_attention_every.map(|_| feats.clone());
+    let e = model.embed_batch(&prefix, &vec![p; groups.len()], &feats)?;
+    let pos = Positions::contiguous(groups.len(), p, 0, &dev)?.with_context(context.clone(), None);
+    let mut cache = model.lm.new_cache();
+    model
+        .lm
+        .forward_embeds_exits(&e, &pos, &mut cache, &[depth])?;
+    let mut cache = cache.select_rows(&row_group)?;
+    let row_group = Tensor::new(row_group.as_slice(), &dev)?;
+
+    // Each row's question and answer, after the shared prefix.
+    let rows: Vec<&Encoded> = groups.iter().flatten().copied().collect();
+    let tails: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|r| {
+            let mut v = r.prompt[p..].to_vec();
+            v.extend(&r.answer[..r.answer.len() - 1]);
+            v
+        })
+        .collect();
+    let t = tails.iter().map(Vec::len).max().unwrap_or(0);
+    let (mut at, mut targets) = (Vec::new(), Vec::new());
+    for (b, r) in rows.iter().enumerate() {
+        for (k, &a) in r.answer.iter().enumerate() {
+            at.push((b * t + r.prompt.len() - p - 1 + k) as u32);
+            targets.push(a);
+        }
+    }
+    let flat: Vec<u32> = tails
+        .iter()
+        .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, t - r.len())))
+        .collect();
+    let e = model
+        .lm
+        .embed(&Tensor::from_vec(flat, (rows.len(), t), &dev)?)?;
+    let context = match context {
+        Some(c) => Some(c.index_select(&row_group, 0)?),
+        None => None,
+    };
+    let pos = Positions::contiguous(rows.len(), t, p, &dev)?.with_context(context, None);
+    let h = model
+        .lm
+        .forward_embeds_exits(&e, &pos, &mut cache, &[depth])?
+        .remove(0);
+    let width = h.dim(2)?;
+    let h = h
+        .reshape((rows.len() * t, width))?
+        .index_select(&Tensor::new(at.as_slice(), &dev)?, 0)?;
+    let n = targets.len();
+    Ok((model.lm.logits(&h)?, Tensor::from_vec(targets, n, &dev)?))
 }
 
 /// The decoder's states at the answer positions of a batch.
