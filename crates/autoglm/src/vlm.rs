@@ -178,24 +178,30 @@ impl Llava {
     pub fn vision_features(&self, pixels: &Tensor) -> Result<Tensor> {
         let vit = match &self.vision {
             VisionTower::EfficientNet(e) => {
-                let tokens = match self.config.vision_config.feature_stage {
+                let v = &self.config.vision_config;
+                let tokens = match v.feature_stage {
                     Some(k) => e.stage_map_tokens(pixels, k)?,
                     None => e.head_tokens(pixels)?,
                 };
-                if !self.config.vision_config.token_coords {
+                if !v.token_coords && v.low_level_stage.is_none() {
                     return Ok(tokens);
                 }
                 let (n, t, _) = tokens.dims3()?;
                 let g = (t as f64).sqrt().round() as usize;
                 if g * g != t {
                     return Err(Error::Invalid(format!(
-                        "token_coords needs a square grid of tokens, got {t}; use a square image"
+                        "token_coords and low_level_stage need a square grid of tokens, got {t}; use a square image"
                     )));
                 }
-                let coords = crate::vision::convnet::grid_coords(g, tokens.device())?
-                    .unsqueeze(0)?
-                    .expand((n, t, 2))?;
-                return Ok(Tensor::cat(&[&tokens, &coords], D::Minus1)?);
+                let mut parts = vec![tokens];
+                if let Some(j) = v.low_level_stage {
+                    parts.push(e.stage_tokens_on(pixels, j, (g, g))?);
+                }
+                if v.token_coords {
+                    let coords = crate::vision::convnet::grid_coords(g, pixels.device())?;
+                    parts.push(coords.unsqueeze(0)?.expand((n, t, 2))?);
+                }
+                return Ok(Tensor::cat(&parts, D::Minus1)?);
             }
             VisionTower::Conv(c) => return c.forward(pixels),
             VisionTower::Clip(v) => v,

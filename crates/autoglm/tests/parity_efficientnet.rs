@@ -123,26 +123,26 @@ fn an_early_exit_pools_a_stage_onto_the_head_grid() {
     let img = load(&asset("photos").join("chelsea.png"), ImageLimits::default()).unwrap();
     let x = clf.preprocess.batch(&[img], &dev).unwrap();
     let f = clf.model.forward_features(&x).unwrap();
-    for stage in [1usize, 5] {
+    // Onto the head's 7 × 7 grid (the early exit), and stage 1's map onto
+    // stage 4's 14 × 14 grid (`low_level_stage`).
+    for (stage, grid) in [(1usize, 7usize), (5, 7), (1, 14)] {
         let map = f.stages[stage - 1]
             .squeeze(0)
             .unwrap()
             .to_vec3::<f32>()
             .unwrap();
         let (c, side) = (map.len(), map[0].len());
-        let k = side / 7;
-        let got = clf
-            .model
-            .stage_tokens(&x, stage)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert_eq!((got.len(), got[0].len()), (49, c), "stage {stage}");
+        let k = side / grid;
+        let got = if grid == 7 {
+            clf.model.stage_tokens(&x, stage)
+        } else {
+            clf.model.stage_tokens_on(&x, stage, (grid, grid))
+        };
+        let got = got.unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!((got.len(), got[0].len()), (grid * grid, c), "stage {stage}");
         let mut worst = 0f32;
         for (t, token) in got.iter().enumerate() {
-            let (gy, gx) = (t / 7, t % 7);
+            let (gy, gx) = (t / grid, t % grid);
             for (ch, &v) in token.iter().enumerate() {
                 let sum: f32 = map[ch][gy * k..(gy + 1) * k]
                     .iter()
@@ -164,6 +164,13 @@ fn an_early_exit_pools_a_stage_onto_the_head_grid() {
     assert_eq!(tokens.dims(), &[1, 14 * 14, 80]);
     let d = max_abs_diff(&tokens, &want);
     assert!(d < 1e-5, "stage 4 map tokens off by {d}");
+    // Stage 4's 14 × 14 map does not pool onto 8 × 8.
+    let e = clf
+        .model
+        .stage_tokens_on(&x, 4, (8, 8))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("8×8 grid"), "{e}");
     for bad in [0, 8] {
         let e = clf.model.stage_tokens(&x, bad).unwrap_err().to_string();
         assert!(e.contains(&format!("stage {bad}")), "{e}");

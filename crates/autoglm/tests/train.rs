@@ -728,6 +728,46 @@ fn a_feature_stage_sets_the_token_grid() {
         let at = |k: usize| (2 * k + 1) as f32 / 8.0 - 1.0;
         assert_eq!(p, &vec![at(i % 8), at(i / 8)], "token {i}");
     }
+    // low_level_stage: stage 2's 32 × 32 map pooled onto the 8 × 8 grid
+    // sits between the channels and the coordinates.
+    let mut low = with_coords(Some(4));
+    low.vision_config.low_level_stage = Some(2);
+    assert_eq!(grid(&low), (64, 80 + 24 + 2));
+    let vm_low = VarMap::new();
+    let with_low = build(&vm_low, &low);
+    for (name, var) in vm_low.data().lock().unwrap().iter() {
+        if name.starts_with("vision_tower") {
+            var.set(theirs[name].as_tensor()).unwrap();
+        }
+    }
+    let c = with_low.vision_features(&px).unwrap();
+    assert_eq!(c.dims(), &[2, 64, 106]);
+    assert_eq!(common::max_abs_diff(&c.narrow(2, 0, 80).unwrap(), &a), 0.0);
+    assert_eq!(
+        common::max_abs_diff(&c.narrow(2, 104, 2).unwrap(), &b.narrow(2, 80, 2).unwrap()),
+        0.0
+    );
+    let autoglm::vlm::VisionTower::EfficientNet(tower) = &plain.vision else {
+        panic!("an EfficientNet tower")
+    };
+    let stage2 = tower.stage_map_tokens(&px, 2).unwrap(); // (2, 32·32, 24)
+    let by_hand = stage2
+        .reshape((2, 8, 4, 8, 4, 24))
+        .unwrap()
+        .mean(4)
+        .unwrap()
+        .mean(2)
+        .unwrap()
+        .reshape((2, 64, 24))
+        .unwrap();
+    let d = common::max_abs_diff(&c.narrow(2, 80, 24).unwrap(), &by_hand);
+    assert!(d < 1e-5, "pooled stage 2 off by {d}");
+    for bad in [0, 4] {
+        let mut c = cfg(Some(4));
+        c.vision_config.low_level_stage = Some(bad);
+        let e = c.validate(path).unwrap_err().to_string();
+        assert!(e.contains("low_level_stage"), "{e}");
+    }
     let mut vit = cfg(None);
     vit.vision_config.model_type = None;
     vit.vision_config.token_coords = true;
@@ -772,6 +812,11 @@ fn bad_training_configs_name_the_field() {
     check(
         serde_json::json!({"questions_per_image": 4, "image_text_attention_heads": 2}),
         "questions_per_image",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "vision_feature_stage": 4,
+                           "vision_low_level_stage": 4}),
+        "vision_low_level_stage",
     );
     check(
         serde_json::json!({"vision_token_coords": true}),

@@ -406,12 +406,14 @@ impl LlavaConfig {
                 ));
             }
         }
-        if (self.vision_config.feature_stage.is_some() || self.vision_config.token_coords)
+        if (self.vision_config.feature_stage.is_some()
+            || self.vision_config.token_coords
+            || self.vision_config.low_level_stage.is_some())
             && (self.router_light_tower_stage.is_some() || self.router_light_image_size.is_some())
         {
             return Err(invalid(
                 path,
-                "vision_config.feature_stage or token_coords with a router's light image path (router_light_tower_stage, router_light_image_size): the light paths assume the head's tokens; drop one".into(),
+                "vision_config.feature_stage, token_coords or low_level_stage with a router's light image path (router_light_tower_stage, router_light_image_size): the light paths assume the head's tokens; drop one".into(),
             ));
         }
         if let Some(k) = self.router_light_tower_stage {

@@ -230,6 +230,11 @@ pub struct ClipVisionConfig {
     /// the [`CONV_VISION`] encoder's tokens always do. A decoder reads a
     /// token's place from its position in the prompt otherwise.
     pub token_coords: bool,
+    /// Not in HF's config, [`EFFICIENTNET_LITE0`] only: each image token
+    /// also carries this earlier stage's map (1-based), average-pooled onto
+    /// the tokens' grid, after its channels: low-level features (colour,
+    /// edges) beside the high-level ones.
+    pub low_level_stage: Option<usize>,
 }
 
 impl Default for ClipVisionConfig {
@@ -251,6 +256,7 @@ impl Default for ClipVisionConfig {
             fpn: false,
             feature_stage: None,
             token_coords: false,
+            low_level_stage: None,
         }
     }
 }
@@ -283,8 +289,15 @@ impl ClipVisionConfig {
         if self.is_conv() {
             return self.conv().token_width();
         }
+        let lite0 = crate::vision::efficientnet::EfficientNetConfig::lite0();
         let coords = if self.token_coords { 2 } else { 0 };
+        let low = self
+            .low_level_stage
+            .filter(|_| self.is_efficientnet())
+            .and_then(|j| crate::vision::efficientnet::EfficientNet::stage_width(&lite0, j))
+            .unwrap_or(0);
         coords
+            + low
             + match self.feature_stage.filter(|_| self.is_efficientnet()) {
                 Some(k) => crate::vision::efficientnet::EfficientNet::stage_width(
                     &crate::vision::efficientnet::EfficientNetConfig::lite0(),
@@ -302,6 +315,20 @@ impl ClipVisionConfig {
                 path,
                 format!("vision_config: feature_fusion and fpn fuse the stages of the convolutional encoder; set model_type `{CONV_VISION}` or drop them"),
             ));
+        }
+        if let Some(j) = self.low_level_stage {
+            let last = self.feature_stage.unwrap_or(
+                crate::vision::efficientnet::EfficientNetConfig::lite0()
+                    .stages
+                    .len()
+                    + 1,
+            );
+            if !self.is_efficientnet() || j == 0 || j >= last {
+                return Err(invalid(
+                    path,
+                    format!("vision_config: low_level_stage {j} must be an {EFFICIENTNET_LITE0} stage before the tokens' own (1..{last})"),
+                ));
+            }
         }
         if self.token_coords && !self.is_efficientnet() {
             return Err(invalid(

@@ -193,6 +193,11 @@ pub struct VqaTrainConfig {
     /// centre (x, y) after its channels, as the `cnn` tower's do.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub vision_token_coords: bool,
+    /// `efficientnet-lite0` only: each image token also carries this
+    /// earlier stage's map (1-based), average-pooled onto the tokens' grid:
+    /// low-level features (colour, edges) beside the high-level ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_low_level_stage: Option<usize>,
     /// λ of the router's cost penalty: the full path is worth its extra
     /// cost where it lowers an example's loss by more than λ × the share
     /// of the cost it saves. The light path costs its share of the
@@ -370,6 +375,24 @@ impl VqaTrainConfig {
                 );
             }
         }
+        if let Some(j) = self.vision_low_level_stage {
+            let last = self
+                .vision_feature_stage
+                .unwrap_or(EfficientNetConfig::lite0().stages.len() + 1);
+            if !effnet || j == 0 || j >= last {
+                return bad(
+                    "vision_low_level_stage",
+                    format!("{j}: needs `efficientnet-lite0` and a stage before the tokens' own (1..{last})"),
+                );
+            }
+            if self.router_light_tower_stage.is_some() || self.router_light_image_size.is_some() {
+                return bad(
+                    "vision_low_level_stage",
+                    "the router's light image paths assume the head's tokens alone; drop one of the two"
+                        .into(),
+                );
+            }
+        }
         if self.vision_token_coords {
             if !effnet {
                 return bad(
@@ -520,6 +543,10 @@ impl VqaTrainConfig {
                 .vision_feature_stage
                 .and_then(|k| crate::vision::efficientnet::EfficientNet::stage_width(&lite0, k))
                 .unwrap_or(1280)
+                + self
+                    .vision_low_level_stage
+                    .and_then(|j| crate::vision::efficientnet::EfficientNet::stage_width(&lite0, j))
+                    .unwrap_or(0)
                 + if self.vision_token_coords { 2 } else { 0 };
             if width != self.text_hidden {
                 return bad(
@@ -687,6 +714,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
         }
         if c.vision_token_coords {
             v["token_coords"] = true.into();
+        }
+        if let Some(j) = c.vision_low_level_stage {
+            v["low_level_stage"] = j.into();
         }
         v
     } else if c.vision == "cnn" {

@@ -413,9 +413,28 @@ impl EfficientNet {
     /// (B, (H/32)·(W/32), C_stage)
     pub fn stage_tokens(&self, x: &Tensor, stage: usize) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
+        self.stage_tokens_on(x, stage, (h / 32, w / 32))
+    }
+
+    /// The map after stage `stage` average-pooled onto a `(gh, gw)` grid
+    /// whose cells each cover whole cells of the map, as tokens row-major.
+    ///
+    /// # Shapes
+    /// `x`: (B, 3, H, W), normalised, H and W multiples of 32 →
+    /// (B, gh·gw, C_stage)
+    pub fn stage_tokens_on(
+        &self,
+        x: &Tensor,
+        stage: usize,
+        (gh, gw): (usize, usize),
+    ) -> Result<Tensor> {
         let m = self.stage_map(x, stage)?;
         let (_, mh, mw, _) = m.dims4()?; // NHWC
-        let (gh, gw) = (h / 32, w / 32);
+        if gh == 0 || gw == 0 || mh % gh != 0 || mw % gw != 0 {
+            return Err(Error::Invalid(format!(
+                "EfficientNet stage tokens: stage {stage}'s {mh}×{mw} map does not pool onto a {gh}×{gw} grid; use an earlier stage or a coarser grid"
+            )));
+        }
         let nchw = m.permute((0, 3, 1, 2))?;
         let pooled = nchw.avg_pool2d((mh / gh, mw / gw))?;
         Ok(pooled.flatten_from(2)?.transpose(1, 2)?.contiguous()?)
