@@ -299,11 +299,9 @@ impl ClipVisionConfig {
         coords
             + low
             + match self.feature_stage.filter(|_| self.is_efficientnet()) {
-                Some(k) => crate::vision::efficientnet::EfficientNet::stage_width(
-                    &crate::vision::efficientnet::EfficientNetConfig::lite0(),
-                    k,
-                )
-                .unwrap_or(0),
+                Some(k) => {
+                    crate::vision::efficientnet::EfficientNet::stage_width(&lite0, k).unwrap_or(0)
+                }
                 None => self.hidden_size,
             }
     }
