@@ -174,16 +174,26 @@ fn questions_sharing_an_image_train_as_they_would_one_by_one() {
                 .unwrap()
         };
         let (gs, go) = (grads(&ls, &ts), grads(&lo, &to));
+        let mut compared = Vec::new();
         for (name, v) in named_vars(&vm) {
             let (a, b) = (gs.get(&v), go.get(&v));
             match (a, b) {
                 (Some(a), Some(b)) => {
                     let d = common::max_abs_diff(a, b);
                     assert!(d < 1e-5, "cross {cross}: {name}'s gradients differ by {d}");
+                    compared.push(name);
                 }
                 (None, None) => {}
                 _ => panic!("cross {cross}: {name} has a gradient on one side only"),
             }
+        }
+        // The gradients reach back through the shared prefix's cache into
+        // the projector and the tower.
+        for part in ["vision_tower.", "multi_modal_projector.", "language_model."] {
+            assert!(
+                compared.iter().any(|n| n.starts_with(part)),
+                "cross {cross}: no gradient reached {part}*"
+            );
         }
         // The image must come first: a question before it is no shared prefix.
         let mut late = groups[0][1].prompt.clone();
@@ -705,13 +715,16 @@ fn a_feature_stage_sets_the_token_grid() {
     let (vm, vm_coords) = (VarMap::new(), VarMap::new());
     let plain = build(&vm, &cfg(Some(4)));
     let coords = build(&vm_coords, &with_coords(Some(4)));
-    // The same tower weights in both (the projectors differ in width).
-    let theirs = vm.data().lock().unwrap();
-    for (name, var) in vm_coords.data().lock().unwrap().iter() {
-        if name.starts_with("vision_tower") {
-            var.set(theirs[name].as_tensor()).unwrap();
+    // The same tower weights in every model (the projectors differ in width).
+    let same_tower = |other: &VarMap| {
+        let theirs = vm.data().lock().unwrap();
+        for (name, var) in other.data().lock().unwrap().iter() {
+            if name.starts_with("vision_tower") {
+                var.set(theirs[name].as_tensor()).unwrap();
+            }
         }
-    }
+    };
+    same_tower(&vm_coords);
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let px: Vec<f32> = (0..2 * 3 * 128 * 128)
         .map(|_| rng.random_range(-1.0..1.0))
@@ -735,11 +748,7 @@ fn a_feature_stage_sets_the_token_grid() {
     assert_eq!(grid(&low), (64, 80 + 24 + 2));
     let vm_low = VarMap::new();
     let with_low = build(&vm_low, &low);
-    for (name, var) in vm_low.data().lock().unwrap().iter() {
-        if name.starts_with("vision_tower") {
-            var.set(theirs[name].as_tensor()).unwrap();
-        }
-    }
+    same_tower(&vm_low);
     let c = with_low.vision_features(&px).unwrap();
     assert_eq!(c.dims(), &[2, 64, 106]);
     assert_eq!(common::max_abs_diff(&c.narrow(2, 0, 80).unwrap(), &a), 0.0);
