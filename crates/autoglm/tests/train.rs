@@ -841,6 +841,15 @@ fn bad_training_configs_name_the_field() {
                            "vision_token_coords": true, "projector": "none", "text_hidden": 80}),
         "projector",
     );
+    check(
+        serde_json::json!({"oracle_scenes": "scenes.jsonl"}),
+        "oracle_scenes",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "vision_token_coords": true,
+                           "oracle_scenes": "scenes.jsonl", "augment": true}),
+        "oracle_scenes",
+    );
     check(serde_json::json!({"steps": 0}), "steps");
     check(serde_json::json!({"attention_top_k": 0}), "attention_top_k");
     check(

@@ -221,6 +221,75 @@ pub fn scene(seed: u64, index: usize) -> Scene {
     Scene { objects, questions }
 }
 
+/// The objects of every scene in a `scenes.jsonl` that
+/// `autoglm data sort-of-clevr` wrote, by image path (joined to the
+/// file's directory, as the question files' paths are).
+pub fn read_scenes(
+    path: &std::path::Path,
+) -> crate::Result<std::collections::HashMap<std::path::PathBuf, Vec<Object>>> {
+    #[derive(serde::Deserialize)]
+    struct Row {
+        image: String,
+        objects: Vec<RowObject>,
+    }
+    #[derive(serde::Deserialize)]
+    struct RowObject {
+        color: String,
+        x: i32,
+        y: i32,
+        shape: String,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+    let base = path
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let mut out = std::collections::HashMap::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let bad = |why: String| {
+            crate::Error::Invalid(format!(
+                "{}:{}: {why}; write the file again with `autoglm data sort-of-clevr`",
+                path.display(),
+                i + 1
+            ))
+        };
+        let row: Row = serde_json::from_str(line).map_err(|e| bad(format!("not a scene: {e}")))?;
+        let objects = row
+            .objects
+            .iter()
+            .map(|o| {
+                let color = COLORS
+                    .iter()
+                    .position(|(name, _)| *name == o.color)
+                    .ok_or_else(|| bad(format!("unknown colour `{}`", o.color)))?;
+                let shape = match o.shape.as_str() {
+                    "square" => Shape::Square,
+                    "circle" => Shape::Circle,
+                    other => return Err(bad(format!("unknown shape `{other}`"))),
+                };
+                if !(0..SIZE as i32).contains(&o.x) || !(0..SIZE as i32).contains(&o.y) {
+                    return Err(bad(format!(
+                        "centre ({}, {}) is outside the {SIZE}² image",
+                        o.x, o.y
+                    )));
+                }
+                Ok(Object {
+                    color,
+                    x: o.x,
+                    y: o.y,
+                    shape,
+                })
+            })
+            .collect::<crate::Result<Vec<_>>>()?;
+        out.insert(base.join(&row.image), objects);
+    }
+    Ok(out)
+}
+
 /// The image of a scene: white, each object filled in its colour (squares
 /// of side 11, circles of radius 5, as the reference drawing gives).
 pub fn render(objects: &[Object]) -> RgbImage {
@@ -245,6 +314,46 @@ pub fn render(objects: &[Object]) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scenes_read_back_as_written_and_bad_rows_are_named() {
+        let dir = std::env::temp_dir().join(format!("soc-scenes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("scenes.jsonl");
+        std::fs::write(
+            &path,
+            r#"{"image":"images/00007.png","split":"train","objects":[{"color":"gray","x":46,"y":38,"shape":"circle"}]}"#,
+        )
+        .unwrap();
+        let scenes = read_scenes(&path).unwrap();
+        let want = Object {
+            color: 4,
+            x: 46,
+            y: 38,
+            shape: Shape::Circle,
+        };
+        assert_eq!(scenes[&dir.join("images/00007.png")], vec![want]);
+        for (row, why) in [
+            (
+                r#"{"image":"a.png","objects":[{"color":"pink","x":1,"y":1,"shape":"circle"}]}"#,
+                "unknown colour `pink`",
+            ),
+            (
+                r#"{"image":"a.png","objects":[{"color":"red","x":1,"y":1,"shape":"cube"}]}"#,
+                "unknown shape `cube`",
+            ),
+            (
+                r#"{"image":"a.png","objects":[{"color":"red","x":80,"y":1,"shape":"circle"}]}"#,
+                "outside",
+            ),
+            ("[1, 2]", "not a scene"),
+        ] {
+            std::fs::write(&path, format!("\n{row}\n")).unwrap();
+            let e = read_scenes(&path).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("scenes.jsonl:2"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn obj(color: usize, x: i32, y: i32, shape: Shape) -> Object {
         Object { color, x, y, shape }

@@ -110,6 +110,57 @@ impl ImageCache {
         Ok(())
     }
 
+    /// A diagnostic (`VqaTrainConfig::oracle_scenes`): replaces each
+    /// image's precomputed tokens by its Sort-of-CLEVR scene's ground
+    /// truth. A token's first 6 channels become the one-hot colour and the
+    /// next 2 the one-hot shape of the object whose centre lies in its cell
+    /// (summed if two do; zeros where none does), the rest zeros but the
+    /// last two, the cell's (x, y), which stay. The grid is square, over
+    /// the whole image.
+    pub(crate) fn use_scene_oracle(
+        &mut self,
+        scenes: &HashMap<PathBuf, Vec<crate::data::sort_of_clevr::Object>>,
+    ) -> Result<()> {
+        use crate::data::sort_of_clevr::{Shape, OBJECTS, SIZE};
+        let Some(features) = &mut self.features else {
+            return Err(Error::Invalid(
+                "oracle_scenes replaces a frozen tower's features; there are none".into(),
+            ));
+        };
+        for ((path, flip), f) in features.iter_mut() {
+            let objects = scenes.get(path).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "oracle_scenes: no scene for {}; use the scenes.jsonl written beside the questions",
+                    path.display()
+                ))
+            })?;
+            if *flip != 0 {
+                return Err(Error::Invalid(
+                    "oracle_scenes: flipped images have no scene; set augment false".into(),
+                ));
+            }
+            let (p, w) = f.dims2()?;
+            let g = (p as f64).sqrt().round() as usize;
+            if g * g != p || w < OBJECTS + 4 {
+                return Err(Error::Invalid(format!(
+                    "oracle_scenes: needs a square grid of tokens at least {} wide with (x, y) last; these are {p} × {w}",
+                    OBJECTS + 4
+                )));
+            }
+            let mut truth = vec![0f32; p * (w - 2)];
+            for o in objects {
+                let cell =
+                    (o.y as usize * g / SIZE as usize) * g + o.x as usize * g / SIZE as usize;
+                let shape = OBJECTS + usize::from(o.shape == Shape::Circle);
+                truth[cell * (w - 2) + o.color] += 1.0;
+                truth[cell * (w - 2) + shape] += 1.0;
+            }
+            let truth = Tensor::from_vec(truth, (p, w - 2), f.device())?;
+            *f = Tensor::cat(&[&truth, &f.narrow(1, w - 2, 2)?], 1)?;
+        }
+        Ok(())
+    }
+
     /// The batch's images, each flipped horizontally when bit 0 of its
     /// `flips` entry is set and vertically when bit 1 is.
     pub(crate) fn batch<'a>(
@@ -157,5 +208,65 @@ impl ImageCache {
             out.push(x);
         }
         Ok(Tensor::stack(&out, 0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::sort_of_clevr::{Object, Shape};
+
+    /// Each cell gets the one-hot colour and shape of the object centred
+    /// in it (summed when two are), zeros elsewhere; (x, y) stays.
+    #[test]
+    fn scene_oracle_writes_each_cell_its_object() {
+        let (p, w) = (4usize, 12usize); // a 2 × 2 grid
+        let coords: Vec<f32> = (0..p * w).map(|i| i as f32).collect();
+        let path = PathBuf::from("images/00000.png");
+        let mut cache = ImageCache {
+            pixels: HashMap::new(),
+            features: Some(HashMap::from([(
+                (path.clone(), 0),
+                Tensor::from_vec(coords.clone(), (p, w), &Device::Cpu).unwrap(),
+            )])),
+            blind: false,
+        };
+        let object = |color, x, y, shape| Object { color, x, y, shape };
+        let scenes = HashMap::from([(
+            path.clone(),
+            vec![
+                object(0, 10, 10, Shape::Square), // top left
+                object(3, 60, 20, Shape::Circle), // top right
+                object(5, 40, 70, Shape::Square), // bottom right
+                object(1, 50, 50, Shape::Circle), // bottom right too
+            ],
+        )]);
+        cache.use_scene_oracle(&scenes).unwrap();
+        let got = cache.features.as_ref().unwrap()[&(path.clone(), 0)]
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut want = vec![vec![0f32; w]; p];
+        for (cell, color, shape) in [(0, 0, 6), (1, 3, 7), (3, 5, 6), (3, 1, 7)] {
+            want[cell][color] += 1.0;
+            want[cell][shape] += 1.0;
+        }
+        for (k, row) in want.iter_mut().enumerate() {
+            row[w - 2] = coords[k * w + w - 2];
+            row[w - 1] = coords[k * w + w - 1];
+        }
+        assert_eq!(got, want);
+
+        // An image the scenes lack, or tokens too narrow, are refused.
+        let e = cache
+            .use_scene_oracle(&HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no scene for images/00000.png"), "{e}");
+        cache.features = Some(HashMap::from([(
+            (path, 0),
+            Tensor::zeros((4, 8), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )]));
+        let e = cache.use_scene_oracle(&scenes).unwrap_err().to_string();
+        assert!(e.contains("at least 10 wide"), "{e}");
     }
 }

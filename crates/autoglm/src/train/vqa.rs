@@ -198,6 +198,15 @@ pub struct VqaTrainConfig {
     /// low-level features (colour, edges) beside the high-level ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vision_low_level_stage: Option<usize>,
+    /// A diagnostic for Sort-of-CLEVR: the frozen tower's tokens are
+    /// replaced by the ground truth of this `scenes.jsonl` (each cell's
+    /// one-hot colour and shape; see `ImageCache::use_scene_oracle`),
+    /// so a run measures what the decoder learns from perfect tokens.
+    /// Needs `efficientnet-lite0` with `vision_token_coords`, and no
+    /// augmentation or router. The saved model reads the tower's features,
+    /// not these: evaluate it with the run's held-out accuracy only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oracle_scenes: Option<std::path::PathBuf>,
     /// λ of the router's cost penalty: the full path is worth its extra
     /// cost where it lowers an example's loss by more than λ × the share
     /// of the cost it saves. The light path costs its share of the
@@ -408,6 +417,23 @@ impl VqaTrainConfig {
                 );
             }
         }
+        if self.oracle_scenes.is_some() {
+            let why = if !effnet || !self.vision_token_coords {
+                Some("replaces `efficientnet-lite0`'s tokens and keeps their (x, y): needs that tower and vision_token_coords")
+            } else if self.augment {
+                Some("a flipped image has no scene: set augment false")
+            } else if self.router_light_layers.is_some()
+                || self.router_light_image_size.is_some()
+                || self.router_light_tower_stage.is_some()
+            {
+                Some("the router's light paths have no scene tokens; drop one of the two")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return bad("oracle_scenes", why.into());
+            }
+        }
         if let Some(k) = self.router_light_tower_stage {
             let stages = EfficientNetConfig::lite0().stages.len();
             if !effnet || k == 0 || k > stages {
@@ -524,35 +550,17 @@ impl VqaTrainConfig {
                 ),
             );
         }
-        if !effnet && self.projector == "none" {
-            // The cnn's tokens carry two coordinates after its channels.
-            let width = self.vision_hidden + if cnn { 2 } else { 0 };
+        if self.projector == "none" {
+            // The tokens' width as the saved model's vision config gives it.
+            let vision: crate::config::ClipVisionConfig =
+                serde_json::from_value(llava_config(self, 0)["vision_config"].take())
+                    .map_err(|e| Error::Invalid(format!("training config: vision: {e}")))?;
+            let width = vision.feature_width();
             if width != self.text_hidden {
                 return bad(
                     "projector",
                     format!(
-                        "`none` needs the vision width ({width}) to equal text_hidden {}",
-                        self.text_hidden
-                    ),
-                );
-            }
-        }
-        if effnet && self.projector == "none" {
-            let lite0 = EfficientNetConfig::lite0();
-            let width = self
-                .vision_feature_stage
-                .and_then(|k| crate::vision::efficientnet::EfficientNet::stage_width(&lite0, k))
-                .unwrap_or(1280)
-                + self
-                    .vision_low_level_stage
-                    .and_then(|j| crate::vision::efficientnet::EfficientNet::stage_width(&lite0, j))
-                    .unwrap_or(0)
-                + if self.vision_token_coords { 2 } else { 0 };
-            if width != self.text_hidden {
-                return bad(
-                    "projector",
-                    format!(
-                        "`none` needs EfficientNet-Lite0's token width ({width}) to equal text_hidden {}",
+                        "`none` needs the vision tokens' width ({width}) to equal text_hidden {}",
                         self.text_hidden
                     ),
                 );
@@ -965,6 +973,13 @@ pub fn train_vqa(
         let flips: &[u8] = if c.augment { &[0, 1] } else { &[0] };
         images.precompute_features(&model, flips)?;
     }
+    if let Some(path) = &c.oracle_scenes {
+        images.use_scene_oracle(&crate::data::sort_of_clevr::read_scenes(path)?)?;
+        tracing::warn!(
+            "oracle_scenes: the tokens are {}'s ground truth; the saved model reads the tower's features, not these",
+            path.display()
+        );
+    }
     let train_ids = train.iter().map(encode).collect::<Result<Vec<_>>>()?;
     let held_ids = held_out.iter().map(encode).collect::<Result<Vec<_>>>()?;
     let micro = c.batch_size / c.workers;
@@ -1123,8 +1138,11 @@ pub fn train_vqa(
                 let n = r.answer.len();
                 let ok = pred[at..at + n] == targets[at..at + n];
                 correct += usize::from(ok);
+                // The data's question type where it names one (as
+                // `autoglm eval` reports), else the answer's kind.
+                let ex = &held_out[base + k];
                 let e = kinds
-                    .entry(answer_kind(&held_out[base + k].answer))
+                    .entry(ex.kind.as_deref().unwrap_or(answer_kind(&ex.answer)))
                     .or_default();
                 e.0 += 1;
                 e.1 += usize::from(ok);
@@ -1225,6 +1243,93 @@ pub enum Images<'a> {
     None,
 }
 
+impl Images<'_> {
+    /// (B, P, H_lm) the image tokens as the decoder reads them: the tower
+    /// and projector run as far as the batch has not run them. `None`
+    /// for blind rows.
+    fn projected(&self, model: &Llava) -> Result<Option<Tensor>> {
+        Ok(match self {
+            Images::Pixels(px) => Some(model.image_features(px)?),
+            Images::VisionFeatures(f) => Some(model.projector.forward(f)?),
+            Images::Projected(f) => Some((*f).clone()),
+            Images::None => None,
+        })
+    }
+}
+
+/// Teacher forcing over a batch: each row reads its prompt from token
+/// `skip` on (0: all of it), then its answer but the last token; position
+/// p predicts token p + 1.
+struct TeacherForcing {
+    /// Each row's ids, unpadded.
+    ids: Vec<Vec<u32>>,
+    /// The longest row.
+    t: usize,
+    /// Where each answer token is predicted in the flattened (B·T)
+    /// sequence: the k-th at `b·T + prompt.len() − skip − 1 + k`.
+    at: Vec<u32>,
+    /// The ids they should predict.
+    targets: Vec<u32>,
+    /// The row of each answer token.
+    row_of: Vec<usize>,
+}
+
+impl TeacherForcing {
+    fn new(rows: &[&Encoded], skip: usize) -> Self {
+        let ids: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|r| {
+                let mut v = r.prompt[skip..].to_vec();
+                v.extend(&r.answer[..r.answer.len() - 1]);
+                v
+            })
+            .collect();
+        let t = ids.iter().map(Vec::len).max().unwrap_or(0);
+        let (mut at, mut targets, mut row_of) = (Vec::new(), Vec::new(), Vec::new());
+        for (b, r) in rows.iter().enumerate() {
+            for (k, &a) in r.answer.iter().enumerate() {
+                at.push((b * t + r.prompt.len() - skip - 1 + k) as u32);
+                targets.push(a);
+                row_of.push(b);
+            }
+        }
+        Self {
+            ids,
+            t,
+            at,
+            targets,
+            row_of,
+        }
+    }
+
+    /// (B, T) the rows' ids, padded on the right with 0.
+    fn padded(&self, dev: &Device) -> Result<Tensor> {
+        let flat: Vec<u32> = self
+            .ids
+            .iter()
+            .flat_map(|r| {
+                r.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, self.t - r.len()))
+            })
+            .collect();
+        Ok(Tensor::from_vec(flat, (self.ids.len(), self.t), dev)?)
+    }
+
+    /// (A, H) the states of `h` (B, T, H) where the answer tokens are
+    /// predicted.
+    fn at_answers(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, t, width) = h.dims3()?;
+        let at = Tensor::new(self.at.as_slice(), h.device())?;
+        Ok(h.reshape((b * t, width))?.index_select(&at, 0)?)
+    }
+
+    /// (A) the ids the answer positions should predict.
+    fn targets(&self, dev: &Device) -> Result<Tensor> {
+        Ok(Tensor::new(self.targets.as_slice(), dev)?)
+    }
+}
+
 /// Owned [`Images`].
 pub enum ImageBatch {
     Pixels(Tensor),
@@ -1285,11 +1390,9 @@ pub fn shared_image_answer_logits(
         let Some(head) = rows.first() else {
             return bad(format!("group {g} has no rows"));
         };
+        let same = head.prompt.len() > p && head.prompt[..p] == first.prompt[..p];
         for r in rows {
-            if r.prompt.len() <= p
-                || r.prompt[..p] != head.prompt[..p]
-                || head.prompt[..p] != first.prompt[..p]
-            {
+            if !same || r.prompt.len() <= p || r.prompt[..p] != head.prompt[..p] {
                 return bad(format!(
                     "the rows of group {g} do not all share the {p}-token prompt prefix through the image; put the image before the question"
                 ));
@@ -1299,11 +1402,8 @@ pub fn shared_image_answer_logits(
         prefix.push(head.prompt[..p].to_vec());
     }
     let dev = model.lm.embed_tokens_device().clone();
-    let feats = match images {
-        Images::Pixels(px) => model.image_features(px)?,
-        Images::VisionFeatures(f) => model.projector.forward(f)?,
-        Images::Projected(f) => f.clone(),
-        Images::None => return bad("no images".into()),
+    let Some(feats) = images.projected(model)? else {
+        return bad("no images".into());
     };
     let depth = model.lm.depth();
     let context = model.lm.config.cross_attention_every.map(|_| feats.clone());
@@ -1318,44 +1418,18 @@ pub fn shared_image_answer_logits(
 
     // Each row's question and answer, after the shared prefix.
     let rows: Vec<&Encoded> = groups.iter().flatten().copied().collect();
-    let tails: Vec<Vec<u32>> = rows
-        .iter()
-        .map(|r| {
-            let mut v = r.prompt[p..].to_vec();
-            v.extend(&r.answer[..r.answer.len() - 1]);
-            v
-        })
-        .collect();
-    let t = tails.iter().map(Vec::len).max().unwrap_or(0);
-    let (mut at, mut targets) = (Vec::new(), Vec::new());
-    for (b, r) in rows.iter().enumerate() {
-        for (k, &a) in r.answer.iter().enumerate() {
-            at.push((b * t + r.prompt.len() - p - 1 + k) as u32);
-            targets.push(a);
-        }
-    }
-    let flat: Vec<u32> = tails
-        .iter()
-        .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, t - r.len())))
-        .collect();
-    let e = model
-        .lm
-        .embed(&Tensor::from_vec(flat, (rows.len(), t), &dev)?)?;
+    let tf = TeacherForcing::new(&rows, p);
+    let e = model.lm.embed(&tf.padded(&dev)?)?;
     let context = match context {
         Some(c) => Some(c.index_select(&row_group, 0)?),
         None => None,
     };
-    let pos = Positions::contiguous(rows.len(), t, p, &dev)?.with_context(context, None);
+    let pos = Positions::contiguous(rows.len(), tf.t, p, &dev)?.with_context(context, None);
     let h = model
         .lm
         .forward_embeds_exits(&e, &pos, &mut cache, &[depth])?
         .remove(0);
-    let width = h.dim(2)?;
-    let h = h
-        .reshape((rows.len() * t, width))?
-        .index_select(&Tensor::new(at.as_slice(), &dev)?, 0)?;
-    let n = targets.len();
-    Ok((model.lm.logits(&h)?, Tensor::from_vec(targets, n, &dev)?))
+    Ok((model.lm.logits(&tf.at_answers(&h)?)?, tf.targets(&dev)?))
 }
 
 /// The decoder's states at the answer positions of a batch.
@@ -1376,61 +1450,27 @@ fn answer_hidden(
     images: Images,
     exits: &[usize],
 ) -> Result<AnswerHidden> {
-    let ids: Vec<Vec<u32>> = rows
-        .iter()
-        .map(|r| {
-            let mut v = r.prompt.clone();
-            v.extend(&r.answer[..r.answer.len() - 1]);
-            v
-        })
-        .collect();
-    let t = ids.iter().map(Vec::len).max().unwrap_or(0);
-    let (mut at, mut targets, mut row_of) = (Vec::new(), Vec::new(), Vec::new());
-    for (b, r) in rows.iter().enumerate() {
-        for (k, &a) in r.answer.iter().enumerate() {
-            at.push((b * t + r.prompt.len() - 1 + k) as u32);
-            targets.push(a);
-            row_of.push(b);
-        }
-    }
+    let tf = TeacherForcing::new(rows, 0);
     let dev = model.lm.embed_tokens_device().clone();
     let prompt_lens: Vec<usize> = rows.iter().map(|r| r.prompt.len()).collect();
-    let feats = match images {
-        Images::Pixels(p) => Some(model.image_features(p)?),
-        Images::VisionFeatures(f) => Some(model.projector.forward(f)?),
-        Images::Projected(f) => Some(f.clone()),
-        Images::None => None,
-    };
+    let feats = images.projected(model)?;
     let e = match &feats {
-        Some(f) => model.embed_batch(&ids, &prompt_lens, f)?,
-        None => {
-            let flat: Vec<u32> = ids
-                .iter()
-                .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, t - r.len())))
-                .collect();
-            model
-                .lm
-                .embed(&Tensor::from_vec(flat, (rows.len(), t), &dev)?)?
-        }
+        Some(f) => model.embed_batch(&tf.ids, &prompt_lens, f)?,
+        None => model.lm.embed(&tf.padded(&dev)?)?,
     };
     // Each row's image is its decoder context (one image per row).
     let context = feats.filter(|_| model.lm.config.cross_attention_every.is_some());
-    let pos = Positions::contiguous(rows.len(), t, 0, &dev)?.with_context(context, None);
-    let at = Tensor::new(at.as_slice(), &dev)?;
+    let pos = Positions::contiguous(rows.len(), tf.t, 0, &dev)?.with_context(context, None);
     let hidden = model
         .lm
         .forward_embeds_exits(&e, &pos, &mut model.lm.new_cache(), exits)?
-        .into_iter()
-        .map(|h| {
-            let width = h.dim(2)?;
-            Ok(h.reshape((rows.len() * t, width))?.index_select(&at, 0)?)
-        })
+        .iter()
+        .map(|h| tf.at_answers(h))
         .collect::<Result<Vec<_>>>()?;
-    let n = targets.len();
     Ok(AnswerHidden {
         hidden,
-        targets: Tensor::from_vec(targets, n, &dev)?,
-        row_of,
+        targets: tf.targets(&dev)?,
+        row_of: tf.row_of,
         embeds: e,
     })
 }
