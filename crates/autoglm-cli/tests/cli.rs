@@ -495,7 +495,7 @@ fn routed_cross_attention_model_from_the_cli() {
             "data": {"kind": "easy-vqa"}, "vision": "cnn", "max_train_examples": 16,
             "image_size": 16, "vision_hidden": 8, "vision_layers": 2, "feature_fusion": "add",
             "projector": "mlp", "text_hidden": 32, "text_layers": 2, "text_heads": 2,
-            "text_kv_heads": 1, "vocab_size": 200, "steps": 3, "batch_size": 4,
+            "text_kv_heads": 1, "vocab_size": 262, "steps": 3, "batch_size": 4,
             "peak_lr": 3e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 5,
             "held_out_images": 0, "router_light_layers": 1,
             "decoder_cross_attention_every": 1

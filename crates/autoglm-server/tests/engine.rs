@@ -261,7 +261,7 @@ fn a_router_before_the_tower_is_followed() {
         "data": {"kind": "easy-vqa"}, "vision": "cnn", "max_train_examples": 32,
         "image_size": 16, "vision_hidden": 8, "vision_layers": 2,
         "router_light_image_size": 8, "projector": "mlp", "text_hidden": 32,
-        "text_layers": 2, "text_heads": 2, "text_kv_heads": 1, "vocab_size": 200, "steps": 6,
+        "text_layers": 2, "text_heads": 2, "text_kv_heads": 1, "vocab_size": 262, "steps": 6,
         "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 3,
         "held_out_images": 0
     }))

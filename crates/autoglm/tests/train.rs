@@ -513,7 +513,7 @@ fn vqa_training_writes_a_usable_model() {
             "data": {"kind": "easy-vqa"}, "vision": "vit", "max_train_examples": 64,
             "image_size": 16, "patch_size": 8, "vision_hidden": 16, "vision_layers": 1,
             "vision_heads": 2, "projector": "mlp", "text_hidden": 32, "text_layers": 1,
-            "text_heads": 2, "text_kv_heads": 1, "vocab_size": 200, "steps": steps,
+            "text_heads": 2, "text_kv_heads": 1, "vocab_size": 262, "steps": steps,
             "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 2, "clip_norm": 1.0, "seed": 1,
             "checkpoint_every": 10, "open_first_steps": 3, "workers": 2, "held_out_images": 0,
             "balance_answers": true
@@ -584,7 +584,7 @@ fn image_text_attention_trains_and_reloads() {
         "data": {"kind": "easy-vqa"}, "vision": "vit", "max_train_examples": 32,
         "image_size": 16, "patch_size": 8, "vision_hidden": 16, "vision_layers": 1,
         "vision_heads": 2, "projector": "mlp", "text_hidden": 32, "text_layers": 1,
-        "text_heads": 2, "text_kv_heads": 1, "vocab_size": 200, "steps": 6,
+        "text_heads": 2, "text_kv_heads": 1, "vocab_size": 262, "steps": 6,
         "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 2,
         "held_out_images": 0, "image_text_attention_heads": 2, "attention_top_k": 4,
         "attention_block_size": 2
@@ -850,6 +850,7 @@ fn bad_training_configs_name_the_field() {
                            "oracle_scenes": "scenes.jsonl", "augment": true}),
         "oracle_scenes",
     );
+    check(serde_json::json!({"vocab_size": 261}), "vocab_size");
     check(serde_json::json!({"steps": 0}), "steps");
     check(serde_json::json!({"attention_top_k": 0}), "attention_top_k");
     check(
@@ -1044,7 +1045,7 @@ fn cnn_fusion_and_router_train_and_reload() {
         "data": {"kind": "easy-vqa"}, "vision": "cnn", "max_train_examples": 32,
         "image_size": 16, "vision_hidden": 8, "vision_layers": 2, "feature_fusion": "gate",
         "fpn": true, "router_light_layers": 1, "projector": "mlp", "text_hidden": 32,
-        "text_layers": 2, "text_heads": 2, "text_kv_heads": 1, "vocab_size": 200, "steps": 6,
+        "text_layers": 2, "text_heads": 2, "text_kv_heads": 1, "vocab_size": 262, "steps": 6,
         "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 3,
         "held_out_images": 0
     }))
@@ -1178,7 +1179,7 @@ fn small_image_router_chooses_before_the_tower() {
         "data": {"kind": "easy-vqa"}, "vision": "cnn", "max_train_examples": 32,
         "image_size": 16, "vision_hidden": 8, "vision_layers": 2,
         "router_light_image_size": 8, "projector": "mlp", "text_hidden": 32,
-        "text_layers": 2, "text_heads": 2, "text_kv_heads": 1, "vocab_size": 200, "steps": 6,
+        "text_layers": 2, "text_heads": 2, "text_kv_heads": 1, "vocab_size": 262, "steps": 6,
         "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 3,
         "held_out_images": 0
     }))
@@ -1402,7 +1403,7 @@ fn decoder_cross_attention_trains_and_reloads() {
         "data": {"kind": "easy-vqa"}, "vision": "cnn", "max_train_examples": 32,
         "image_size": 16, "vision_hidden": 8, "vision_layers": 2, "projector": "mlp",
         "text_hidden": 32, "text_layers": 2, "text_heads": 2, "text_kv_heads": 1,
-        "vocab_size": 200, "steps": 6, "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1,
+        "vocab_size": 262, "steps": 6, "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1,
         "clip_norm": 1.0, "seed": 4, "held_out_images": 0, "decoder_cross_attention_every": 2
     }))
     .unwrap();

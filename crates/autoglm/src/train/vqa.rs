@@ -76,6 +76,11 @@ pub struct VqaTrainConfig {
     pub text_layers: usize,
     pub text_heads: usize,
     pub text_kv_heads: usize,
+    /// The byte-level BPE tokenizer's size, trained on the questions and
+    /// answers: at least the 256 bytes and 6 special tokens it starts from
+    /// (262: one token per byte, no merges); every id past them is a
+    /// merge, so frequent words become single tokens. Training stops
+    /// early when no pair is left to merge.
     pub vocab_size: usize,
     pub steps: usize,
     pub batch_size: usize,
@@ -279,6 +284,17 @@ impl VqaTrainConfig {
                 let field = crate::vision::convnet::ConvNetConfig::training_field(field);
                 Error::Invalid(format!("training config: {field}: {why}"))
             })?;
+        }
+        let bytes = 256 + SPECIAL.len();
+        if self.vocab_size < bytes {
+            return bad(
+                "vocab_size",
+                format!(
+                    "{}: a byte-level tokenizer starts from 256 byte tokens and {} special ones; use {bytes} for one token per byte, or more (e.g. 512) so that frequent words become single tokens",
+                    self.vocab_size,
+                    SPECIAL.len()
+                ),
+            );
         }
         if self.steps == 0 || self.batch_size == 0 {
             return bad("steps/batch_size", "must be positive".into());
