@@ -141,7 +141,7 @@ impl ImageCache {
             }
             let (p, w) = f.dims2()?;
             let g = (p as f64).sqrt().round() as usize;
-            if g * g != p || w < OBJECTS + 4 {
+            if p == 0 || g * g != p || w < OBJECTS + 4 {
                 return Err(Error::Invalid(format!(
                     "oracle_scenes: needs a square grid of tokens at least {} wide with (x, y) last; these are {p} × {w}",
                     OBJECTS + 4
