@@ -1623,3 +1623,72 @@ fn cnn_lstm_baseline_learns_image_and_question() {
         "relation_layers",
     );
 }
+
+/// The binding Sort-of-CLEVR needs, at its simplest: four image tokens,
+/// each a colour's vector plus one of two attributes' vectors, then a
+/// colour word; the answer is the attribute of that colour's token. A
+/// one-layer decoder must learn it (the colour word's query finds its
+/// token): always answering one attribute gives 50 %.
+#[test]
+fn a_decoder_learns_to_look_up_a_token_by_a_word() {
+    use autoglm::train::vqa::{answer_logits, init_weights, Encoded, Images};
+    let mut cfg = tiny();
+    cfg.text_config.num_hidden_layers = 1;
+    let vm = VarMap::new();
+    let m = Llava::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg).unwrap();
+    init_weights(&vm, 0, None).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let h = cfg.text_config.hidden_size;
+    let mut vector = || -> Vec<f32> { (0..h).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect() };
+    let colours: Vec<Vec<f32>> = (0..4).map(|_| vector()).collect();
+    let attrs: Vec<Vec<f32>> = (0..2).map(|_| vector()).collect();
+    // The tower's token count (its patches and CLS); those past the four
+    // objects are empty.
+    let p = m.expand_image_tokens(&[3], 1).unwrap().len();
+    // A batch: rows (BOS, the image tokens, a colour word 10..14; answer
+    // 20 or 21, then end 5) and their (B, P, H) image tokens.
+    let batch = |rng: &mut rand::rngs::StdRng, n: usize| {
+        let (mut rows, mut feats) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let mut order = [0usize, 1, 2, 3];
+            for i in (1..4).rev() {
+                order.swap(i, rng.random_range(0..=i));
+            }
+            let attr: Vec<usize> = (0..4).map(|_| rng.random_range(0..2)).collect();
+            for (&c, &a) in order.iter().zip(&attr) {
+                feats.extend(colours[c].iter().zip(&attrs[a]).map(|(x, y)| x + y));
+            }
+            feats.extend(std::iter::repeat_n(0.0, (p - 4) * h));
+            let asked = rng.random_range(0..4);
+            let at = order.iter().position(|&c| c == asked).unwrap();
+            rows.push(Encoded {
+                prompt: m
+                    .expand_image_tokens(&[1, 3, 10 + asked as u32], 1)
+                    .unwrap(),
+                answer: vec![20 + attr[at] as u32, 5],
+            });
+        }
+        let feats = Tensor::from_vec(feats, (n, p, h), &Device::Cpu).unwrap();
+        (rows, feats)
+    };
+    let mut opt = AdamW::new(named_vars(&vm), AdamWConfig::default()).unwrap();
+    for _ in 0..400 {
+        let (rows, feats) = batch(&mut rng, 32);
+        let rows: Vec<&Encoded> = rows.iter().collect();
+        let (logits, targets) = answer_logits(&m, &rows, Images::Projected(&feats)).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+        opt.step(&loss.backward().unwrap(), 3e-3).unwrap();
+    }
+    let (rows, feats) = batch(&mut rng, 400);
+    let rows: Vec<&Encoded> = rows.iter().collect();
+    let (logits, targets) = answer_logits(&m, &rows, Images::Projected(&feats)).unwrap();
+    let (pred, targets) = (
+        logits.argmax(1).unwrap().to_vec1::<u32>().unwrap(),
+        targets.to_vec1::<u32>().unwrap(),
+    );
+    // Every other answer token is the attribute.
+    let right = (0..rows.len())
+        .filter(|&i| pred[2 * i] == targets[2 * i])
+        .count();
+    assert!(right >= 380, "{right} of 400 attributes right");
+}
