@@ -246,6 +246,21 @@ fn router_cost() -> f64 {
 }
 
 impl VqaTrainConfig {
+    /// Whether the model this config builds has a router
+    /// (`LlavaConfig::has_router`).
+    fn has_router(&self) -> bool {
+        self.router_light_layers.is_some()
+            || self.router_light_image_size.is_some()
+            || self.router_light_tower_stage.is_some()
+    }
+
+    /// Whether its router chooses before the vision tower runs: a light
+    /// path of a smaller image or an early exit
+    /// (`LlavaConfig::routes_before_tower`).
+    fn routes_before_tower(&self) -> bool {
+        self.router_light_image_size.is_some() || self.router_light_tower_stage.is_some()
+    }
+
     /// Checks the choices that do not depend on the data; returns whether
     /// the vision tower is the frozen EfficientNet.
     pub fn validate(&self) -> Result<bool> {
@@ -312,10 +327,7 @@ impl VqaTrainConfig {
                 Some("a blind model has no image to share".into())
             } else if self.image_text_attention_heads.is_some() {
                 Some("image→text attention makes the image tokens depend on the question; drop one of the two".into())
-            } else if self.router_light_layers.is_some()
-                || self.router_light_image_size.is_some()
-                || self.router_light_tower_stage.is_some()
-            {
+            } else if self.has_router() {
                 Some("a router chooses each question's path; drop one of the two".into())
             } else if self.open_first_steps > 0 {
                 Some("open_first_steps draws single questions; drop one of the two".into())
@@ -392,7 +404,7 @@ impl VqaTrainConfig {
                     format!("{k}: needs `efficientnet-lite0` and one of its stages 1..={stages}"),
                 );
             }
-            if self.router_light_tower_stage.is_some() || self.router_light_image_size.is_some() {
+            if self.routes_before_tower() {
                 return bad(
                     "vision_feature_stage",
                     "the router's light image paths assume the head's tokens; drop one of the two"
@@ -410,7 +422,7 @@ impl VqaTrainConfig {
                     format!("{j}: needs `efficientnet-lite0` and a stage before the tokens' own (1..{last})"),
                 );
             }
-            if self.router_light_tower_stage.is_some() || self.router_light_image_size.is_some() {
+            if self.routes_before_tower() {
                 return bad(
                     "vision_low_level_stage",
                     "the router's light image paths assume the head's tokens alone; drop one of the two"
@@ -425,7 +437,7 @@ impl VqaTrainConfig {
                     "appends (x, y) to `efficientnet-lite0`'s tokens; the `cnn` tower's carry them already and a ViT's have position embeddings".into(),
                 );
             }
-            if self.router_light_tower_stage.is_some() || self.router_light_image_size.is_some() {
+            if self.routes_before_tower() {
                 return bad(
                     "vision_token_coords",
                     "the router's light image paths assume the head's tokens without coordinates; drop one of the two"
@@ -438,10 +450,7 @@ impl VqaTrainConfig {
                 Some("replaces `efficientnet-lite0`'s tokens and keeps their (x, y): needs that tower and vision_token_coords")
             } else if self.augment {
                 Some("a flipped image has no scene: set augment false")
-            } else if self.router_light_layers.is_some()
-                || self.router_light_image_size.is_some()
-                || self.router_light_tower_stage.is_some()
-            {
+            } else if self.has_router() {
                 Some("the router's light paths have no scene tokens; drop one of the two")
             } else {
                 None
