@@ -21,7 +21,7 @@ use autoglm::assistant::Assistant;
 use autoglm::fusion::router::Route;
 use autoglm::text::generate::{Sampler, Sampling};
 use autoglm::text::kv_cache::KvCache;
-use autoglm::text::llama::Positions;
+use autoglm::text::llama::{rotary_positions, Positions};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 use tokio::sync::mpsc::UnboundedSender;
@@ -299,9 +299,14 @@ impl Engine {
                 } else {
                     e.clone()
                 });
+                let row_pos = rotary_positions(
+                    &jobs[r].prompt_ids,
+                    0,
+                    a.model.lm.config.shared_position_token,
+                );
                 for j in pad..width {
                     mask[r * width + j] = 1.0;
-                    pos[r * width + j] = (j - pad) as u32;
+                    pos[r * width + j] = row_pos[j - pad];
                 }
             }
             let mut cache = a.model.lm.new_cache();
@@ -344,7 +349,9 @@ impl Engine {
             let pad = width - job.prompt_ids.len();
             let mut row = Row {
                 seq: job.prompt_ids.clone(),
-                pos: job.prompt_ids.len() as u32,
+                pos: rotary_positions(&job.prompt_ids, 0, a.model.lm.config.shared_position_token)
+                    .last()
+                    .map_or(0, |l| l + 1),
                 mask: (0..width)
                     .map(|j| if j < pad { 0.0 } else { 1.0 })
                     .collect(),

@@ -128,7 +128,26 @@ fn asks() -> Vec<Ask> {
 
 #[test]
 fn sequences_joining_and_leaving_get_the_answers_they_get_alone() {
-    let a = Arc::new(Assistant::load(&fixture(), &Device::Cpu).unwrap());
+    let plain = joining_and_leaving(&fixture());
+    // The same model with each image's tokens at one rotary position.
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(fixture()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let path = dir.path().join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    c["image_tokens_share_position"] = true.into();
+    std::fs::write(&path, c.to_string()).unwrap();
+    let shared = joining_and_leaving(dir.path());
+    assert_ne!(plain, shared, "sharing positions changed no answer");
+}
+
+/// Runs `asks()` through an engine of 2 slots, sequences joining mid-way,
+/// and checks each gets what it gets alone; returns the answers.
+fn joining_and_leaving(model: &std::path::Path) -> Vec<String> {
+    let a = Arc::new(Assistant::load(model, &Device::Cpu).unwrap());
     let metrics = Arc::new(Metrics::new());
     let mut engine = Engine::new(a.clone(), metrics.clone(), 2);
     let asks = asks();
@@ -179,6 +198,7 @@ fn sequences_joining_and_leaving_get_the_answers_they_get_alone() {
         metrics.generated_tokens.get() as usize,
         outs.iter().map(|o| o.done.unwrap().1).sum::<usize>()
     );
+    outs.iter().map(|o| o.pieces.concat()).collect()
 }
 
 #[test]

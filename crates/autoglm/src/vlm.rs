@@ -94,7 +94,11 @@ impl Llava {
                 )
             };
         let kind = cfg.projector().map_err(Error::Invalid)?;
-        let t = &cfg.text_config;
+        let mut t = cfg.text_config.clone();
+        t.shared_position_token = cfg
+            .image_tokens_share_position
+            .then_some(cfg.image_token_index);
+        let t = &t;
         Ok(Self {
             vision,
             projector: Projector::new(
@@ -581,8 +585,18 @@ impl Llava {
     ) -> Result<Tensor> {
         let feats = pixels.map(|p| self.image_features(p)).transpose()?;
         let e = self.embed_prompt_features(ids, feats.as_ref())?;
-        let pos = Positions::contiguous(1, ids.len(), cache.len(), e.device())?
-            .with_context(self.decoder_context(feats.as_ref())?, None);
+        if self.lm.config.shared_position_token.is_some() && !cache.is_empty() {
+            return Err(Error::Invalid(
+                "forward: a model whose image tokens share a position runs each prompt from an empty cache".into(),
+            ));
+        }
+        let pos = Positions::of_ids(
+            &[ids.to_vec()],
+            ids.len(),
+            self.lm.config.shared_position_token,
+            e.device(),
+        )?
+        .with_context(self.decoder_context(feats.as_ref())?, None);
         self.lm.logits(&self.lm.forward_embeds(&e, &pos, cache)?)
     }
 }

@@ -101,6 +101,12 @@ pub struct LlamaConfig {
     /// Heads of those blocks (default: the decoder's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_attention_heads: Option<usize>,
+    /// Not read from the file: set by the VLM that owns this decoder when
+    /// its config asks for `image_tokens_share_position`. Each run of this
+    /// token in a prompt takes one rotary position (see
+    /// [`crate::text::llama::rotary_positions`]).
+    #[serde(skip)]
+    pub shared_position_token: Option<u32>,
 }
 
 impl LlamaConfig {
@@ -342,6 +348,15 @@ pub struct LlavaConfig {
     /// which a prompt takes it.
     #[serde(default = "default_half")]
     pub router_threshold: f64,
+    /// Not in HF's config: all the tokens of one image take one rotary
+    /// position (that of its first token), and the text after it continues
+    /// from the next. A text token then attends to every image token at
+    /// the same distance, so matching a word against the image's tokens
+    /// does not depend on where in the grid a token sits; where it sits
+    /// must come from the features (e.g. `vision_config.token_coords`).
+    /// Absent or false: one position per token, as in HF's LLaVA.
+    #[serde(default)]
+    pub image_tokens_share_position: bool,
 }
 
 fn default_half() -> f64 {

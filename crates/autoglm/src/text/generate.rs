@@ -350,8 +350,23 @@ pub fn generate_batch_with_context(
     let mut rows = Vec::with_capacity(b);
     let mut mask = vec![0f32; b * t_max];
     let mut pos = vec![0u32; b * t_max];
+    // Each row's first new token's position.
+    let mut next_pos = Vec::with_capacity(b);
+    let shared = lm.config.shared_position_token;
     for (r, p) in prompts.iter().enumerate() {
         let pad = t_max - lens[r];
+        let row_pos = match shared {
+            Some(_) if prompt_ids[r].len() != lens[r] => {
+                return Err(Error::Invalid(format!(
+                    "generate: prompt {r} has {} embeddings but {} ids; a model whose image tokens share a position needs every prompt position's id",
+                    lens[r],
+                    prompt_ids[r].len()
+                )));
+            }
+            Some(_) => crate::text::llama::rotary_positions(&prompt_ids[r], 0, shared),
+            None => (0..lens[r] as u32).collect(),
+        };
+        next_pos.push(row_pos.last().map_or(0, |l| l + 1));
         rows.push(if pad > 0 {
             Tensor::cat(&[&Tensor::zeros((pad, h), p.dtype(), &dev)?, p], 0)?
         } else {
@@ -359,7 +374,7 @@ pub fn generate_batch_with_context(
         });
         for j in pad..t_max {
             mask[r * t_max + j] = 1.0;
-            pos[r * t_max + j] = (j - pad) as u32;
+            pos[r * t_max + j] = row_pos[j - pad];
         }
     }
     let mut key_mask = Tensor::from_vec(mask, (b, t_max), &dev)?;
@@ -442,7 +457,7 @@ pub fn generate_batch_with_context(
         }
         // Feed the chosen tokens (finished rows feed theirs too; ignored).
         let ids = Tensor::from_vec(next, (b, 1), &dev)?;
-        let step_pos: Vec<u32> = (0..b).map(|r| (lens[r] + step) as u32).collect();
+        let step_pos: Vec<u32> = (0..b).map(|r| next_pos[r] + step as u32).collect();
         key_mask = Tensor::cat(&[&key_mask, &Tensor::ones((b, 1), DType::F32, &dev)?], 1)?;
         let step_pos = Tensor::from_vec(step_pos, (b, 1), &dev)?;
         let hidden = run(&lm.embed(&ids)?, step_pos, &key_mask, &mut cache)?;

@@ -171,12 +171,47 @@ impl Positions {
         })
     }
 
+    /// Each row's positions from its ids ([`rotary_positions`] from 0),
+    /// the rows padded to `t`: padding after a row continues its count.
+    pub fn of_ids(rows: &[Vec<u32>], t: usize, shared: Option<u32>, dev: &Device) -> Result<Self> {
+        let flat: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| {
+                let mut p = rotary_positions(r, 0, shared);
+                let next = p.last().map_or(0, |l| l + 1);
+                p.extend((0..t.saturating_sub(r.len()) as u32).map(|k| next + k));
+                p
+            })
+            .collect();
+        Ok(Self {
+            positions: Tensor::from_vec(flat, (rows.len(), t), dev)?,
+            key_mask: None,
+            context: None,
+            context_mask: None,
+        })
+    }
+
     /// The same positions with an image context for cross-attention.
     pub fn with_context(mut self, context: Option<Tensor>, mask: Option<Tensor>) -> Self {
         self.context = context;
         self.context_mask = mask;
         self
     }
+}
+
+/// The rotary position of each of `ids`, counting up from `start`, except
+/// that the tokens of a run of `shared` (one image's tokens) all take the
+/// run's first position. `shared: None`: `start, start + 1, …`.
+pub fn rotary_positions(ids: &[u32], start: u32, shared: Option<u32>) -> Vec<u32> {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut p = start;
+    for (j, &id) in ids.iter().enumerate() {
+        if j > 0 && !(shared == Some(id) && ids[j - 1] == id) {
+            p += 1;
+        }
+        out.push(p);
+    }
+    out
 }
 
 pub struct Llama {
@@ -355,5 +390,29 @@ impl Llama {
         let (b, t) = ids.dims2()?;
         let pos = Positions::contiguous(b, t, cache.len(), ids.device())?;
         self.logits(&self.forward_embeds(&self.embed(ids)?, &pos, cache)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// BOS, an image of 3 tokens, a word, an image of 2 tokens, a word.
+    #[test]
+    fn each_image_takes_one_position() {
+        let ids = [1, 3, 3, 3, 7, 3, 3, 9];
+        assert_eq!(rotary_positions(&ids, 0, Some(3)), [0, 1, 1, 1, 2, 3, 3, 4]);
+        assert_eq!(rotary_positions(&ids, 5, Some(3)), [5, 6, 6, 6, 7, 8, 8, 9]);
+        assert_eq!(rotary_positions(&ids, 0, None), [0, 1, 2, 3, 4, 5, 6, 7]);
+        // A prompt that starts with its image.
+        assert_eq!(rotary_positions(&[3, 3, 8], 0, Some(3)), [0, 0, 1]);
+        assert!(rotary_positions(&[], 0, Some(3)).is_empty());
+        // Padded rows continue counting after their last position.
+        let p = Positions::of_ids(&[vec![1, 3, 3, 7], vec![3, 3]], 5, Some(3), &Device::Cpu)
+            .unwrap()
+            .positions
+            .to_vec2::<u32>()
+            .unwrap();
+        assert_eq!(p, [[0, 1, 1, 2, 3], [0, 0, 1, 2, 3]]);
     }
 }

@@ -20,7 +20,7 @@ use crate::fusion::router::{routed_loss, RouteCost};
 use crate::io::preprocess::{CropRounding, Preprocess, Resample};
 use crate::io::weights::Safetensors;
 use crate::text::chat::ChatTemplate;
-use crate::text::llama::Positions;
+use crate::text::llama::{rotary_positions, Positions};
 use crate::text::tokenizer::Tokenizer;
 use crate::vision::efficientnet::{EfficientNet, EfficientNetConfig};
 use crate::vlm::{Llava, VisionTower};
@@ -198,6 +198,13 @@ pub struct VqaTrainConfig {
     /// centre (x, y) after its channels, as the `cnn` tower's do.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub vision_token_coords: bool,
+    /// All of an image's tokens take one rotary position in the decoder
+    /// (`image_tokens_share_position` in the model's config.json): a
+    /// word is matched against every image token at the same distance.
+    /// Where a token sits then reaches the decoder only through its
+    /// features (`vision_token_coords`, or the `cnn` tower's coordinates).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub image_tokens_share_position: bool,
     /// `efficientnet-lite0` only: each image token also carries this
     /// earlier stage's map (1-based), average-pooled onto the tokens' grid:
     /// low-level features (colour, edges) beside the high-level ones.
@@ -782,6 +789,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
     });
     if let Some(h) = c.image_text_attention_heads {
         cfg["image_text_attention_heads"] = h.into();
+    }
+    if c.image_tokens_share_position {
+        cfg["image_tokens_share_position"] = true.into();
     }
     if let Some(l) = c.router_light_layers {
         cfg["router_light_layers"] = l.into();
@@ -1433,7 +1443,13 @@ pub fn shared_image_answer_logits(
     let depth = model.lm.depth();
     let context = model.lm.config.cross_attention_every.map(|_| feats.clone());
     let e = model.embed_batch(&prefix, &vec![p; groups.len()], &feats)?;
-    let pos = Positions::contiguous(groups.len(), p, 0, &dev)?.with_context(context.clone(), None);
+    let shared = model.lm.config.shared_position_token;
+    let pos = Positions::of_ids(&prefix, p, shared, &dev)?.with_context(context.clone(), None);
+    // Every group's prefix has the same layout: the rows continue from
+    // the position after it.
+    let next = rotary_positions(&prefix[0], 0, shared)
+        .last()
+        .map_or(0, |l| l + 1);
     let mut cache = model.lm.new_cache();
     model
         .lm
@@ -1449,7 +1465,8 @@ pub fn shared_image_answer_logits(
         Some(c) => Some(c.index_select(&row_group, 0)?),
         None => None,
     };
-    let pos = Positions::contiguous(rows.len(), tf.t, p, &dev)?.with_context(context, None);
+    let pos =
+        Positions::contiguous(rows.len(), tf.t, next as usize, &dev)?.with_context(context, None);
     let h = model
         .lm
         .forward_embeds_exits(&e, &pos, &mut cache, &[depth])?
@@ -1485,7 +1502,8 @@ fn answer_hidden(
     };
     // Each row's image is its decoder context (one image per row).
     let context = feats.filter(|_| model.lm.config.cross_attention_every.is_some());
-    let pos = Positions::contiguous(rows.len(), tf.t, 0, &dev)?.with_context(context, None);
+    let pos = Positions::of_ids(&tf.ids, tf.t, model.lm.config.shared_position_token, &dev)?
+        .with_context(context, None);
     let hidden = model
         .lm
         .forward_embeds_exits(&e, &pos, &mut model.lm.new_cache(), exits)?
