@@ -817,6 +817,26 @@ fn bad_training_configs_name_the_field() {
         "image_size",
     );
     check(serde_json::json!({"projector": "none"}), "projector");
+    // A curriculum stage must last and name types; the stages must leave
+    // steps for every type, and not compete with open_first_steps.
+    for bad in [
+        serde_json::json!([{"steps": 0, "types": ["shape"]}]),
+        serde_json::json!([{"steps": 2, "types": []}]),
+        serde_json::json!([{"steps": 2, "types": [" "]}]),
+        serde_json::json!([{"steps": 4, "types": ["shape"]}, {"steps": 6, "types": ["count"]}]),
+    ] {
+        check(serde_json::json!({"curriculum": bad}), "curriculum");
+    }
+    check(
+        serde_json::json!({"curriculum": [{"steps": 2, "types": ["shape"]}], "open_first_steps": 2}),
+        "curriculum",
+    );
+    let mut typo = base.clone();
+    typo["curriculum"] = serde_json::json!([{"steps": 2, "type": ["shape"]}]);
+    let e = serde_json::from_value::<VqaTrainConfig>(typo)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field `type`"), "{e}");
     check(
         serde_json::json!({"questions_per_image": 3}),
         "questions_per_image",

@@ -9,6 +9,7 @@
 
 pub mod baseline;
 pub mod checkpoint;
+pub mod draw;
 pub mod eval;
 mod images;
 pub mod optim;

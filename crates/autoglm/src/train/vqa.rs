@@ -113,6 +113,17 @@ pub struct VqaTrainConfig {
     /// not settle on what the question alone predicts.
     #[serde(default)]
     pub open_first_steps: usize,
+    /// Stages at the start of training, in order, each of which draws only
+    /// the questions of the types it lists (the data's `type`, as
+    /// Sort-of-CLEVR's `shape`, `horizontal`, `vertical`, `closest`,
+    /// `furthest`, `count`); the steps after the last stage draw every
+    /// question. A lookup that a few types teach quickly ("what shape is
+    /// the red object?") is then learned before the answers that need no
+    /// lookup (counts, the scene's majority shape) lower the loss without
+    /// it. The tokenizer reads every question, and the learning-rate
+    /// schedule runs over all `steps`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curriculum: Vec<CurriculumStage>,
     /// Threads that each compute part of every batch (data parallelism);
     /// `batch_size` must divide evenly. On a small model this beats
     /// splitting each operation over threads.
@@ -240,6 +251,16 @@ pub struct VqaTrainConfig {
     pub gate_init: f64,
 }
 
+/// One stage of [`VqaTrainConfig::curriculum`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurriculumStage {
+    /// How many steps the stage lasts.
+    pub steps: usize,
+    /// The question types it trains on.
+    pub types: Vec<String>,
+}
+
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
 }
@@ -320,6 +341,38 @@ impl VqaTrainConfig {
         }
         if self.steps == 0 || self.batch_size == 0 {
             return bad("steps/batch_size", "must be positive".into());
+        }
+        let mut staged = 0;
+        for (i, stage) in self.curriculum.iter().enumerate() {
+            let why = if stage.steps == 0 {
+                Some("steps must be positive".to_string())
+            } else if stage.types.is_empty() || stage.types.iter().any(|t| t.trim().is_empty()) {
+                Some("types must name question types (the data's `type`, e.g. `shape`)".into())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return bad("curriculum", format!("stage {}: {why}", i + 1));
+            }
+            staged += stage.steps;
+        }
+        if !self.curriculum.is_empty() {
+            if staged >= self.steps {
+                return bad(
+                    "curriculum",
+                    format!(
+                        "its stages last {staged} steps, not fewer than steps {}: leave steps after the last stage, which trains every question type",
+                        self.steps
+                    ),
+                );
+            }
+            if self.open_first_steps > 0 {
+                return bad(
+                    "curriculum",
+                    "open_first_steps also chooses what the first steps train; drop one of the two"
+                        .into(),
+                );
+            }
         }
         if self.questions_per_image != 1 {
             let q = self.questions_per_image;
@@ -850,6 +903,10 @@ pub fn train_vqa(
     if train.is_empty() {
         return Err(Error::Invalid("no training examples".into()));
     }
+    // What each step reads: easy-VQA's open questions first
+    // (`open_first_steps`: they cannot be guessed from the question alone),
+    // or a curriculum's question types, then everything.
+    let draws = super::draw::Draws::new(&train, c)?;
     let cfg_path = out.join("train_config.json");
     if resume && cfg_path.exists() {
         check_resume_config(&cfg_path, c)?;
@@ -1032,60 +1089,9 @@ pub fn train_vqa(
     if resume && trainer.resume(&vm)? {
         tracing::info!("resumed at step {}", trainer.step);
     }
-    // Open questions (answers other than yes/no) cannot be guessed from the
-    // question alone: the first `open_first_steps` steps train on them only.
-    let open: Vec<usize> = (0..train.len())
-        .filter(|&i| !matches!(train[i].answer.trim(), "yes" | "no"))
-        .collect();
-    let batch_of = |step: usize| -> Vec<usize> {
-        let (pool, seed): (Option<&[usize]>, u64) = if step < c.open_first_steps && !open.is_empty()
-        {
-            (Some(&open), c.seed ^ 0x0BE7)
-        } else {
-            (None, c.seed)
-        };
-        let n = pool.map_or(train.len(), <[usize]>::len);
-        // Full batches only (the few examples left over at an epoch's end
-        // differ from epoch to epoch): every part of every step is equal.
-        let per_epoch = (n / c.batch_size).max(1);
-        let order = epoch_order(n, seed, (step / per_epoch) as u64, true);
-        let start = (step % per_epoch) * c.batch_size;
-        order[start..(start + c.batch_size).min(n)]
-            .iter()
-            .map(|&j| pool.map_or(j, |p| p[j]))
-            .collect()
-    };
-    // With `questions_per_image`: each step's images, and each image's
-    // questions, a different window of them in each epoch over the images.
     let q = c.questions_per_image;
-    let by_image: Vec<Vec<usize>> = if q > 1 {
-        let mut m: std::collections::BTreeMap<&Path, Vec<usize>> = Default::default();
-        for (i, e) in train.iter().enumerate() {
-            m.entry(e.image.as_path()).or_default().push(i);
-        }
-        m.into_values().collect()
-    } else {
-        Vec::new()
-    };
-    let groups_of = |step: usize| -> Vec<Vec<usize>> {
-        let (g, n) = (c.batch_size / q, by_image.len());
-        let per_epoch = (n / g).max(1);
-        let epoch = step / per_epoch;
-        let order = epoch_order(n, c.seed, epoch as u64, true);
-        let start = (step % per_epoch) * g;
-        order[start..(start + g).min(n)]
-            .iter()
-            .map(|&i| {
-                let qs = &by_image[i];
-                let own = epoch_order(qs.len(), c.seed ^ (i as u64).wrapping_add(1), 0, true);
-                (0..q.min(qs.len()))
-                    .map(|k| qs[own[(epoch * q + k) % qs.len()]])
-                    .collect()
-            })
-            .collect()
-    };
     let grouped_loss = |step: usize, part: usize| -> Result<Tensor> {
-        let groups = groups_of(step);
+        let groups = draws.groups(step);
         let per_part = c.batch_size / q / c.workers;
         let lo = (part * per_part).min(groups.len());
         let groups = &groups[lo..(lo + per_part).min(groups.len())];
@@ -1110,7 +1116,7 @@ pub fn train_vqa(
         if q > 1 {
             return grouped_loss(step, part);
         }
-        let batch = &batch_of(step)[..];
+        let batch = &draws.batch(step)[..];
         let lo = (part * micro).min(batch.len());
         let idx = &batch[lo..(lo + micro).min(batch.len())];
         if idx.is_empty() {
