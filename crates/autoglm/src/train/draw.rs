@@ -119,14 +119,8 @@ impl Draws {
     /// at an epoch's end differ from epoch to epoch).
     pub fn batch(&self, step: usize) -> Vec<usize> {
         let p = self.pool(step);
-        let (n, b) = (p.questions.len(), self.batch_size);
-        let per_epoch = (n / b).max(1);
-        let order = epoch_order(n, p.seed, (step / per_epoch) as u64, true);
-        let start = (step % per_epoch) * b;
-        order[start..(start + b).min(n)]
-            .iter()
-            .map(|&j| p.questions[j])
-            .collect()
+        let (_, window) = window(p.questions.len(), self.batch_size, p.seed, step);
+        window.into_iter().map(|j| p.questions[j]).collect()
     }
 
     /// Step `step`'s images, each as the questions of it that the step
@@ -135,14 +129,10 @@ impl Draws {
     pub fn groups(&self, step: usize) -> Vec<Vec<usize>> {
         let p = self.pool(step);
         let q = self.questions_per_image;
-        let (g, n) = (self.batch_size / q, p.images.len());
-        let per_epoch = (n / g).max(1);
-        let epoch = step / per_epoch;
-        let order = epoch_order(n, p.seed, epoch as u64, true);
-        let start = (step % per_epoch) * g;
-        order[start..(start + g).min(n)]
-            .iter()
-            .map(|&i| {
+        let (epoch, window) = window(p.images.len(), self.batch_size / q, p.seed, step);
+        window
+            .into_iter()
+            .map(|i| {
                 let qs = &p.images[i];
                 let own = epoch_order(qs.len(), p.seed ^ (i as u64).wrapping_add(1), 0, true);
                 (0..q.min(qs.len()))
@@ -151,6 +141,19 @@ impl Draws {
             })
             .collect()
     }
+}
+
+/// Step `step`'s `width` items of a pool of `n`, and the epoch it is in:
+/// a window of that epoch's seeded shuffle (whole windows only, or all
+/// `n` where `n < width`).
+fn window(n: usize, width: usize, seed: u64, step: usize) -> (usize, Vec<usize>) {
+    let per_epoch = (n / width).max(1);
+    let epoch = step / per_epoch;
+    let mut order = epoch_order(n, seed, epoch as u64, true);
+    let start = (step % per_epoch) * width;
+    order.truncate((start + width).min(n));
+    order.drain(..start);
+    (epoch, order)
 }
 
 #[cfg(test)]
