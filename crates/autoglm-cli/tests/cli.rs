@@ -338,6 +338,23 @@ fn train_and_eval_bad_inputs() {
     assert!(e.contains("not a valid training config"), "{e}");
     let e = fails(&["eval", "--model", "/nonexistent/model", "--limit", "1"]);
     assert!(e.contains("/nonexistent/model"), "{e}");
+    // Data whose every row is unusable is an error, not a 0 % over nothing:
+    // here the image is not beside the file, and an empty file.
+    let rows = dir.path().join("rows.jsonl");
+    std::fs::write(
+        &rows,
+        r#"{"image":"images/00001.png","question":"What is the shape of the red object?","answer":"square"}"#,
+    )
+    .unwrap();
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    for (data, why) in [
+        (&rows, "no usable examples (1 rows, 1 bad; line 1: image"),
+        (&empty, "no rows; write one JSON object per line"),
+    ] {
+        let e = fails(&["eval", "--data", data.to_str().unwrap()]);
+        assert!(e.contains(data.to_str().unwrap()) && e.contains(why), "{e}");
+    }
 }
 
 fn samples() -> PathBuf {

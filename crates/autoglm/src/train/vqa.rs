@@ -785,13 +785,32 @@ const TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message
 /// image tokens after the question, so they can attend to it.
 const TEMPLATE_TEXT_FIRST: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] + '\\n' }}{% endif %}{% endfor %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
+/// The examples of one split; an error, naming the source and its bad rows,
+/// when none of its rows can be used (a run or an evaluation over nothing
+/// would report a meaningless 0 %).
 pub fn load_data(src: &DataSource, split: &str) -> Result<Vec<VqaExample>> {
-    let (ex, report) = match src {
-        DataSource::EasyVqa => easy_vqa::load(&crate::io::assets::dir("easy-vqa")?, split)?,
+    let (ex, report, from) = match src {
+        DataSource::EasyVqa => {
+            let (ex, r) = easy_vqa::load(&crate::io::assets::dir("easy-vqa")?, split)?;
+            (ex, r, format!("easy-VQA's {split} split"))
+        }
         DataSource::Jsonl { train, test } => {
-            jsonl::load(if split == "train" { train } else { test }, false)?
+            let path = if split == "train" { train } else { test };
+            let (ex, r) = jsonl::load(path, false)?;
+            (ex, r, path.display().to_string())
         }
     };
+    if report.rows == 0 {
+        return Err(Error::Invalid(format!(
+            "{from}: no rows; write one JSON object per line ({{\"image\", \"question\", \"answer\"}}) or point at another file"
+        )));
+    }
+    if ex.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{from}: no usable examples ({}); fix the rows named (an image path is relative to the file's folder) or point at another file",
+            report.summary()
+        )));
+    }
     if !report.bad.is_empty() {
         tracing::warn!("{split}: {}", report.summary());
     }
