@@ -789,25 +789,29 @@ const TEMPLATE_TEXT_FIRST: &str = "{% for message in messages %}{{ '<|im_start|>
 /// when none of its rows can be used (a run or an evaluation over nothing
 /// would report a meaningless 0 %).
 pub fn load_data(src: &DataSource, split: &str) -> Result<Vec<VqaExample>> {
-    let (ex, report, from) = match src {
+    let (ex, report, from, fix) = match src {
         DataSource::EasyVqa => {
             let (ex, r) = easy_vqa::load(&crate::io::assets::dir("easy-vqa")?, split)?;
-            (ex, r, format!("easy-VQA's {split} split"))
+            let fix = "fetch it again with scripts/fetch-assets.sh";
+            (ex, r, format!("easy-VQA's {split} split"), fix)
         }
         DataSource::Jsonl { train, test } => {
             let path = if split == "train" { train } else { test };
             let (ex, r) = jsonl::load(path, false)?;
-            (ex, r, path.display().to_string())
+            let fix = if r.rows == 0 {
+                "write one JSON object per line ({\"image\", \"question\", \"answer\"}) or point at another file"
+            } else {
+                "fix the rows named (an image path is relative to the file's folder) or point at another file"
+            };
+            (ex, r, path.display().to_string(), fix)
         }
     };
     if report.rows == 0 {
-        return Err(Error::Invalid(format!(
-            "{from}: no rows; write one JSON object per line ({{\"image\", \"question\", \"answer\"}}) or point at another file"
-        )));
+        return Err(Error::Invalid(format!("{from}: no rows; {fix}")));
     }
     if ex.is_empty() {
         return Err(Error::Invalid(format!(
-            "{from}: no usable examples ({}); fix the rows named (an image path is relative to the file's folder) or point at another file",
+            "{from}: no usable examples ({}); {fix}",
             report.summary()
         )));
     }
