@@ -104,7 +104,7 @@ impl Llava {
             projector: Projector::new(
                 root.pp("multi_modal_projector"),
                 kind,
-                cfg.vision_config.feature_width(),
+                cfg.vision_config.projector_input_width(),
                 t.hidden_size,
                 cfg.multimodal_projector_bias,
                 cfg.adapter_dim.unwrap_or(t.hidden_size / 4),
@@ -172,7 +172,36 @@ impl Llava {
     /// # Shapes
     /// `pixels`: (N, 3, S, S) → (N, image_tokens, H_lm)
     pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.projector.forward(&self.vision_features(pixels)?)
+        self.project(&self.vision_features(pixels)?)
+    }
+
+    /// The projector on the tower's features ([`Self::vision_features`]),
+    /// with `token_coord_products` after their products by x and by y.
+    ///
+    /// # Shapes
+    /// `features`: (N, T, H_vision) → (N, T, H_lm)
+    pub fn project(&self, features: &Tensor) -> Result<Tensor> {
+        if !self.config.vision_config.token_coord_products {
+            return self.projector.forward(features);
+        }
+        let w = features.dim(D::Minus1)?;
+        if w < 3 {
+            return Err(Error::Invalid(format!(
+                "token_coord_products needs channels and (x, y) last, got {w} features per token"
+            )));
+        }
+        let channels = features.narrow(D::Minus1, 0, w - 2)?;
+        let x = features.narrow(D::Minus1, w - 2, 1)?;
+        let y = features.narrow(D::Minus1, w - 1, 1)?;
+        let wide = Tensor::cat(
+            &[
+                features,
+                &channels.broadcast_mul(&x)?,
+                &channels.broadcast_mul(&y)?,
+            ],
+            D::Minus1,
+        )?;
+        self.projector.forward(&wide)
     }
 
     /// The vision tower's selected features, before the projector.
@@ -245,10 +274,10 @@ impl Llava {
 
     /// The light path's projector on its tower features.
     pub fn project_light(&self, features: &Tensor) -> Result<Tensor> {
-        self.light_projector
-            .as_ref()
-            .unwrap_or(&self.projector)
-            .forward(features)
+        match &self.light_projector {
+            Some(p) => p.forward(features),
+            None => self.project(features),
+        }
     }
 
     /// [`Self::light_image_features`] before the projector.

@@ -784,6 +784,49 @@ fn a_feature_stage_sets_the_token_grid() {
         let e = c.validate(path).unwrap_err().to_string();
         assert!(e.contains("low_level_stage"), "{e}");
     }
+    // token_coord_products: the tower's features are unchanged (the
+    // training cache holds them); a linear projector reads 80 + 2 + 2 × 80
+    // inputs, the last 160 being each channel times x, then times y.
+    let mut prod = with_coords(Some(4));
+    prod.vision_config.token_coord_products = true;
+    prod.projector_type = "linear".into();
+    assert_eq!(grid(&prod), (64, 82));
+    assert_eq!(prod.vision_config.projector_input_width(), 242);
+    let vm_prod = VarMap::new();
+    let with_prod = build(&vm_prod, &prod);
+    same_tower(&vm_prod);
+    let f = with_prod.vision_features(&px).unwrap();
+    assert_eq!(common::max_abs_diff(&f, &b), 0.0);
+    let w = vm_prod.data().lock().unwrap()["multi_modal_projector.linear_1.weight"]
+        .as_tensor()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!((w.len(), w[0].len()), (16, 242));
+    let bias = vm_prod.data().lock().unwrap()["multi_modal_projector.linear_1.bias"]
+        .as_tensor()
+        .to_vec1::<f32>()
+        .unwrap();
+    let got = with_prod.project(&f).unwrap().to_vec3::<f32>().unwrap();
+    let feats = f.to_vec3::<f32>().unwrap();
+    for (n, t) in [(0, 0), (1, 9), (1, 63)] {
+        let v = &feats[n][t];
+        let (x, y) = (v[80], v[81]);
+        for (o, row) in w.iter().enumerate() {
+            let mut want = bias[o] as f64;
+            for k in 0..82 {
+                want += (row[k] * v[k]) as f64;
+            }
+            for k in 0..80 {
+                want += (row[82 + k] * v[k] * x) as f64 + (row[162 + k] * v[k] * y) as f64;
+            }
+            let d = (got[n][t][o] as f64 - want).abs();
+            assert!(d < 1e-4, "image {n} token {t} output {o}: {} vs {want}", got[n][t][o]);
+        }
+    }
+    let mut bare = cfg(Some(4));
+    bare.vision_config.token_coord_products = true;
+    let e = bare.validate(path).unwrap_err().to_string();
+    assert!(e.contains("token_coord_products"), "{e}");
     let mut vit = cfg(None);
     vit.vision_config.model_type = None;
     vit.vision_config.token_coords = true;
@@ -866,6 +909,17 @@ fn bad_training_configs_name_the_field() {
     check(
         serde_json::json!({"vision": "efficientnet-lite0", "vision_feature_stage": 4,
                            "vision_token_coords": true, "projector": "none", "text_hidden": 80}),
+        "projector",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "vision_feature_stage": 4,
+                           "vision_token_coord_products": true}),
+        "vision_token_coord_products",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "vision_feature_stage": 4,
+                           "vision_token_coords": true, "vision_token_coord_products": true,
+                           "projector": "none", "text_hidden": 82}),
         "projector",
     );
     check(

@@ -495,12 +495,12 @@ impl LlavaConfig {
             ));
         }
         let kind = self.projector().map_err(|m| invalid(path, m))?;
-        if kind == ProjectorKind::None && v.feature_width() != self.text_config.hidden_size {
+        if kind == ProjectorKind::None && v.projector_input_width() != self.text_config.hidden_size {
             return Err(invalid(
                 path,
                 format!(
                     "projector `none` needs equal widths, but the vision tower has {} and the LM {}; use linear, mlp or adapter",
-                    v.feature_width(), self.text_config.hidden_size
+                    v.projector_input_width(), self.text_config.hidden_size
                 ),
             ));
         }

@@ -230,6 +230,14 @@ pub struct ClipVisionConfig {
     /// the [`CONV_VISION`] encoder's tokens always do. A decoder reads a
     /// token's place from its position in the prompt otherwise.
     pub token_coords: bool,
+    /// Not in HF's config, with `token_coords` only: the projector also
+    /// reads each token's channels times its x and times its y. Where a
+    /// feature sits is then part of the feature, so that a mean over all
+    /// tokens tells where things are; the plain (x, y) of a full grid
+    /// average to the centre in every image, which leaves a decoder whose
+    /// attention does not yet pick one token nothing to learn the reading
+    /// of a place from (docs/benchmarks.md, "Left/right: a saddle").
+    pub token_coord_products: bool,
     /// Not in HF's config, [`EFFICIENTNET_LITE0`] only: each image token
     /// also carries this earlier stage's map (1-based), average-pooled onto
     /// the tokens' grid, after its channels: low-level features (colour,
@@ -256,6 +264,7 @@ impl Default for ClipVisionConfig {
             fpn: false,
             feature_stage: None,
             token_coords: false,
+            token_coord_products: false,
             low_level_stage: None,
         }
     }
@@ -306,6 +315,17 @@ impl ClipVisionConfig {
             }
     }
 
+    /// Width of what the projector reads: [`Self::feature_width`], and with
+    /// `token_coord_products` the channels times x and times y after it.
+    pub fn projector_input_width(&self) -> usize {
+        let w = self.feature_width();
+        if self.token_coord_products {
+            w + 2 * (w - 2)
+        } else {
+            w
+        }
+    }
+
     /// Checks the head layout and that the image holds at least one patch.
     pub fn validate(&self, path: &Path) -> Result<()> {
         if (self.feature_fusion.is_some() || self.fpn) && !self.is_conv() {
@@ -332,6 +352,12 @@ impl ClipVisionConfig {
             return Err(invalid(
                 path,
                 format!("vision_config: token_coords appends (x, y) to the {EFFICIENTNET_LITE0} tower's tokens; the `{CONV_VISION}` encoder's carry them already and a ViT's have position embeddings. Drop it"),
+            ));
+        }
+        if self.token_coord_products && !self.token_coords {
+            return Err(invalid(
+                path,
+                "vision_config: token_coord_products multiplies the channels by the (x, y) that token_coords appends; set token_coords too or drop it".into(),
             ));
         }
         if self.is_conv() {

@@ -209,6 +209,13 @@ pub struct VqaTrainConfig {
     /// centre (x, y) after its channels, as the `cnn` tower's do.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub vision_token_coords: bool,
+    /// With `vision_token_coords`: the projector also reads each token's
+    /// channels times its x and times its y
+    /// (`vision_config.token_coord_products`), so that a mean over the
+    /// tokens says where things are. Measured on Sort-of-CLEVR's left/right
+    /// questions in docs/benchmarks.md ("Left/right: a saddle").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vision_token_coord_products: bool,
     /// All of an image's tokens take one rotary position in the decoder
     /// (`image_tokens_share_position` in the model's config.json): a
     /// word is matched against every image token at the same distance.
@@ -505,6 +512,12 @@ impl VqaTrainConfig {
                 );
             }
         }
+        if self.vision_token_coord_products && !self.vision_token_coords {
+            return bad(
+                "vision_token_coord_products",
+                "multiplies the channels by the (x, y) that vision_token_coords appends; set vision_token_coords too or drop it".into(),
+            );
+        }
         if self.oracle_scenes.is_some() {
             let why = if !effnet || !self.vision_token_coords {
                 Some("replaces `efficientnet-lite0`'s tokens and keeps their (x, y): needs that tower and vision_token_coords")
@@ -640,7 +653,7 @@ impl VqaTrainConfig {
             let vision: crate::config::ClipVisionConfig =
                 serde_json::from_value(llava_config(self, 0)["vision_config"].take())
                     .map_err(|e| Error::Invalid(format!("training config: vision: {e}")))?;
-            let width = vision.feature_width();
+            let width = vision.projector_input_width();
             if width != self.text_hidden {
                 return bad(
                     "projector",
@@ -830,6 +843,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
         }
         if c.vision_token_coords {
             v["token_coords"] = true.into();
+        }
+        if c.vision_token_coord_products {
+            v["token_coord_products"] = true.into();
         }
         if let Some(j) = c.vision_low_level_stage {
             v["low_level_stage"] = j.into();
@@ -1314,7 +1330,7 @@ impl Images<'_> {
     fn projected(&self, model: &Llava) -> Result<Option<Tensor>> {
         Ok(match self {
             Images::Pixels(px) => Some(model.image_features(px)?),
-            Images::VisionFeatures(f) => Some(model.projector.forward(f)?),
+            Images::VisionFeatures(f) => Some(model.project(f)?),
             Images::Projected(f) => Some((*f).clone()),
             Images::None => None,
         })
