@@ -820,7 +820,11 @@ fn a_feature_stage_sets_the_token_grid() {
                 want += (row[82 + k] * v[k] * x) as f64 + (row[162 + k] * v[k] * y) as f64;
             }
             let d = (got[n][t][o] as f64 - want).abs();
-            assert!(d < 1e-4, "image {n} token {t} output {o}: {} vs {want}", got[n][t][o]);
+            assert!(
+                d < 1e-4,
+                "image {n} token {t} output {o}: {} vs {want}",
+                got[n][t][o]
+            );
         }
     }
     let mut bare = cfg(Some(4));

@@ -495,7 +495,8 @@ impl LlavaConfig {
             ));
         }
         let kind = self.projector().map_err(|m| invalid(path, m))?;
-        if kind == ProjectorKind::None && v.projector_input_width() != self.text_config.hidden_size {
+        if kind == ProjectorKind::None && v.projector_input_width() != self.text_config.hidden_size
+        {
             return Err(invalid(
                 path,
                 format!(
