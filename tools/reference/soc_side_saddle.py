@@ -16,7 +16,7 @@ left/right questions of 100 unseen scenes.
     /tmp/tv/bin/python tools/reference/soc_side_saddle.py --seed 1 --coords occupied  # (x, y) only on cells that hold an object
     /tmp/tv/bin/python tools/reference/soc_side_saddle.py --seed 1 --coords product   # also each channel times x and times y
 """
-import math, random, sys, argparse, time
+import math, random, argparse, time
 import torch, torch.nn as nn, torch.nn.functional as F
 
 p = argparse.ArgumentParser()

@@ -320,7 +320,7 @@ impl ClipVisionConfig {
     pub fn projector_input_width(&self) -> usize {
         let w = self.feature_width();
         if self.token_coord_products {
-            w + 2 * (w - 2)
+            w + 2 * w.saturating_sub(2)
         } else {
             w
         }
