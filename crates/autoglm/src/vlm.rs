@@ -29,9 +29,18 @@ pub enum VisionTower {
     Conv(ConvNet),
 }
 
+/// The name (under `multi_modal_projector`) of the linear map that
+/// `token_coord_products_linear` adds; it starts at 0.
+pub const COORD_PRODUCTS: &str = "coord_products";
+
 pub struct Llava {
     pub vision: VisionTower,
     pub projector: Projector,
+    /// The tokens' channels times x and times y, mapped to the decoder's
+    /// width and added to the projector's output
+    /// (`multi_modal_projector.coord_products`), with
+    /// `token_coord_products_linear`.
+    pub coord_products: Option<crate::nn::Linear>,
     /// Image→text attention on the projected image tokens
     /// (`image_text_attention.*`), when the config asks for it.
     pub image_text: Option<GatedCrossAttention>,
@@ -109,6 +118,17 @@ impl Llava {
                 cfg.multimodal_projector_bias,
                 cfg.adapter_dim.unwrap_or(t.hidden_size / 4),
             )?,
+            coord_products: cfg
+                .vision_config
+                .token_coord_products_linear
+                .then(|| {
+                    crate::nn::linear_no_bias(
+                        cfg.vision_config.coord_products_width(),
+                        t.hidden_size,
+                        root.pp("multi_modal_projector").pp(COORD_PRODUCTS),
+                    )
+                })
+                .transpose()?,
             image_text: cfg
                 .image_text_attention_heads
                 .map(|heads| {
@@ -176,7 +196,9 @@ impl Llava {
     }
 
     /// The projector on the tower's features ([`Self::vision_features`]),
-    /// with `token_coord_products` after their products by x and by y.
+    /// with `token_coord_products` after their products by x and by y; with
+    /// `token_coord_products_linear` the products go through their own
+    /// linear map instead, added to the projector's output.
     ///
     /// # Shapes
     /// `features`: (N, T, H_vision) → (N, T, H_lm)
@@ -193,14 +215,12 @@ impl Llava {
         let channels = features.narrow(D::Minus1, 0, w - 2)?;
         let x = features.narrow(D::Minus1, w - 2, 1)?;
         let y = features.narrow(D::Minus1, w - 1, 1)?;
-        let wide = Tensor::cat(
-            &[
-                features,
-                &channels.broadcast_mul(&x)?,
-                &channels.broadcast_mul(&y)?,
-            ],
-            D::Minus1,
-        )?;
+        let products = [channels.broadcast_mul(&x)?, channels.broadcast_mul(&y)?];
+        if let Some(map) = &self.coord_products {
+            let products = Tensor::cat(&products, D::Minus1)?;
+            return Ok((self.projector.forward(features)? + map.forward(&products)?)?);
+        }
+        let wide = Tensor::cat(&[features, &products[0], &products[1]], D::Minus1)?;
         self.projector.forward(&wide)
     }
 

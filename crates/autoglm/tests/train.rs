@@ -827,6 +827,63 @@ fn a_feature_stage_sets_the_token_grid() {
             );
         }
     }
+    // token_coord_products_linear: the projector reads the 82 features,
+    // and a linear map of the 160 products, zero after init_weights, is
+    // added to its output.
+    let mut lin = prod.clone();
+    lin.vision_config.token_coord_products_linear = true;
+    assert_eq!(lin.vision_config.projector_input_width(), 82);
+    assert_eq!(lin.vision_config.coord_products_width(), 160);
+    assert!(lin.validate(path).is_ok());
+    let vm_lin = VarMap::new();
+    let with_lin = build(&vm_lin, &lin);
+    autoglm::train::vqa::init_weights(&vm_lin, 3, None).unwrap();
+    let var = |name: &str| vm_lin.data().lock().unwrap()[name].clone();
+    let map = var("multi_modal_projector.coord_products.weight");
+    assert_eq!(map.as_tensor().dims(), &[16, 160]);
+    assert_eq!(
+        map.as_tensor()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    let plain = with_lin.projector.forward(&f).unwrap();
+    assert_eq!(
+        common::max_abs_diff(&with_lin.project(&f).unwrap(), &plain),
+        0.0
+    );
+    let m: Vec<f32> = (0..16 * 160)
+        .map(|i| ((i % 13) as f32 - 6.0) * 0.01)
+        .collect();
+    map.set(&Tensor::from_vec(m.clone(), (16, 160), &Device::Cpu).unwrap())
+        .unwrap();
+    let got = with_lin.project(&f).unwrap().to_vec3::<f32>().unwrap();
+    let plain = plain.to_vec3::<f32>().unwrap();
+    for (n, t) in [(0, 0), (1, 9), (1, 63)] {
+        let v = &feats[n][t];
+        let (x, y) = (v[80], v[81]);
+        for o in 0..16 {
+            let row = &m[o * 160..(o + 1) * 160];
+            let mut want = plain[n][t][o] as f64;
+            for k in 0..80 {
+                want += (row[k] * v[k] * x) as f64 + (row[80 + k] * v[k] * y) as f64;
+            }
+            let d = (got[n][t][o] as f64 - want).abs();
+            assert!(
+                d < 1e-4,
+                "linear: image {n} token {t} output {o}: {} vs {want}",
+                got[n][t][o]
+            );
+        }
+    }
+    let mut alone = with_coords(Some(4));
+    alone.vision_config.token_coord_products_linear = true;
+    let e = alone.validate(path).unwrap_err().to_string();
+    assert!(e.contains("token_coord_products_linear"), "{e}");
     let mut bare = cfg(Some(4));
     bare.vision_config.token_coord_products = true;
     let e = bare.validate(path).unwrap_err().to_string();
@@ -925,6 +982,11 @@ fn bad_training_configs_name_the_field() {
                            "vision_token_coords": true, "vision_token_coord_products": true,
                            "projector": "none", "text_hidden": 82}),
         "projector",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "vision_feature_stage": 4,
+                           "vision_token_coords": true, "vision_token_coord_products_linear": true}),
+        "vision_token_coord_products_linear",
     );
     check(
         serde_json::json!({"oracle_scenes": "scenes.jsonl"}),

@@ -238,6 +238,14 @@ pub struct ClipVisionConfig {
     /// attention does not yet pick one token nothing to learn the reading
     /// of a place from (docs/benchmarks.md, "Left/right: a saddle").
     pub token_coord_products: bool,
+    /// Not in HF's config, with `token_coord_products` only: the products
+    /// reach the image tokens through their own linear map
+    /// (`multi_modal_projector.coord_products`), zero at the start and
+    /// added to the projector's output, instead of through the projector.
+    /// A new model then starts as one without the products, and the map
+    /// grows from their gradient (docs/benchmarks.md, "Left/right: a
+    /// saddle").
+    pub token_coord_products_linear: bool,
     /// Not in HF's config, [`EFFICIENTNET_LITE0`] only: each image token
     /// also carries this earlier stage's map (1-based), average-pooled onto
     /// the tokens' grid, after its channels: low-level features (colour,
@@ -265,6 +273,7 @@ impl Default for ClipVisionConfig {
             feature_stage: None,
             token_coords: false,
             token_coord_products: false,
+            token_coord_products_linear: false,
             low_level_stage: None,
         }
     }
@@ -316,13 +325,24 @@ impl ClipVisionConfig {
     }
 
     /// Width of what the projector reads: [`Self::feature_width`], and with
-    /// `token_coord_products` the channels times x and times y after it.
+    /// `token_coord_products` (not `token_coord_products_linear`) the
+    /// channels times x and times y after it.
     pub fn projector_input_width(&self) -> usize {
         let w = self.feature_width();
-        if self.token_coord_products {
-            w + 2 * w.saturating_sub(2)
+        if self.token_coord_products && !self.token_coord_products_linear {
+            w + self.coord_products_width()
         } else {
             w
+        }
+    }
+
+    /// How many products of the channels and (x, y) a token has: twice its
+    /// channels, 0 without `token_coord_products`.
+    pub fn coord_products_width(&self) -> usize {
+        if self.token_coord_products {
+            2 * self.feature_width().saturating_sub(2)
+        } else {
+            0
         }
     }
 
@@ -358,6 +378,12 @@ impl ClipVisionConfig {
             return Err(invalid(
                 path,
                 "vision_config: token_coord_products multiplies the channels by the (x, y) that token_coords appends; set token_coords too or drop it".into(),
+            ));
+        }
+        if self.token_coord_products_linear && !self.token_coord_products {
+            return Err(invalid(
+                path,
+                "vision_config: token_coord_products_linear chooses how the products of token_coord_products reach the tokens; set token_coord_products too or drop it".into(),
             ));
         }
         if self.is_conv() {

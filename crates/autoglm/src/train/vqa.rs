@@ -216,6 +216,13 @@ pub struct VqaTrainConfig {
     /// questions in docs/benchmarks.md ("Left/right: a saddle").
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub vision_token_coord_products: bool,
+    /// With `vision_token_coord_products`: the products reach the tokens
+    /// through their own linear map, zero at the start and added to the
+    /// projector's output (`vision_config.token_coord_products_linear`),
+    /// instead of through the projector: the model starts as one without
+    /// them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vision_token_coord_products_linear: bool,
     /// All of an image's tokens take one rotary position in the decoder
     /// (`image_tokens_share_position` in the model's config.json): a
     /// word is matched against every image token at the same distance.
@@ -516,6 +523,12 @@ impl VqaTrainConfig {
             return bad(
                 "vision_token_coord_products",
                 "multiplies the channels by the (x, y) that vision_token_coords appends; set vision_token_coords too or drop it".into(),
+            );
+        }
+        if self.vision_token_coord_products_linear && !self.vision_token_coord_products {
+            return bad(
+                "vision_token_coord_products_linear",
+                "chooses how the products of vision_token_coord_products reach the tokens; set vision_token_coord_products too or drop it".into(),
             );
         }
         if self.oracle_scenes.is_some() {
@@ -846,6 +859,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
         }
         if c.vision_token_coord_products {
             v["token_coord_products"] = true.into();
+        }
+        if c.vision_token_coord_products_linear {
+            v["token_coord_products_linear"] = true.into();
         }
         if let Some(j) = c.vision_low_level_stage {
             v["low_level_stage"] = j.into();
@@ -1702,16 +1718,17 @@ pub fn init_weights(vm: &VarMap, seed: u64, std: Option<f64>) -> Result<()> {
         let is_norm = t.rank() == 1
             && (name.contains("norm") || name.contains("layrnorm"))
             && name.ends_with("weight");
-        // Biases (`*.bias`, and the LSTM's `bias_ih_l0`) and the tanh gates
-        // of gated cross-attention start at 0 (a gated block starts as the
-        // identity); the LSTM's forget gate starts open.
+        // Biases (`*.bias`, and the LSTM's `bias_ih_l0`), the tanh gates
+        // of gated cross-attention (a gated block starts as the identity)
+        // and the coordinate products' linear map start at 0; the LSTM's
+        // forget gate starts open.
         let is_bias = name
             .rsplit('.')
             .next()
             .is_some_and(|s| s.starts_with("bias"));
         let value = if name.ends_with(crate::text::lstm::FORGET_BIAS_NAME) {
             crate::text::lstm::forget_bias(t)?
-        } else if is_bias || name.ends_with("_gate") {
+        } else if is_bias || name.ends_with("_gate") || name.contains(crate::vlm::COORD_PRODUCTS) {
             t.zeros_like()?
         } else if is_norm {
             t.ones_like()?
