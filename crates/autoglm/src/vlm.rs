@@ -196,32 +196,45 @@ impl Llava {
     }
 
     /// The projector on the tower's features ([`Self::vision_features`]),
-    /// with `token_coord_products` after their products by x and by y; with
-    /// `token_coord_products_linear` the products go through their own
-    /// linear map instead, added to the projector's output.
+    /// with `token_coord_products` after their products by x and by y and
+    /// with `token_coord_fourier` after their (x, y)'s sines and cosines;
+    /// with `token_coord_products_linear` these go through their own linear
+    /// map instead, added to the projector's output.
     ///
     /// # Shapes
     /// `features`: (N, T, H_vision) → (N, T, H_lm)
     pub fn project(&self, features: &Tensor) -> Result<Tensor> {
-        if !self.config.vision_config.token_coord_products {
+        let v = &self.config.vision_config;
+        if !v.token_coord_products && v.token_coord_fourier == 0 {
             return self.projector.forward(features);
         }
         let w = features.dim(D::Minus1)?;
         if w < 3 {
             return Err(Error::Invalid(format!(
-                "token_coord_products needs channels and (x, y) last, got {w} features per token"
+                "token_coord_products and token_coord_fourier need channels and (x, y) last, got {w} features per token"
             )));
         }
-        let channels = features.narrow(D::Minus1, 0, w - 2)?;
         let x = features.narrow(D::Minus1, w - 2, 1)?;
         let y = features.narrow(D::Minus1, w - 1, 1)?;
-        let products = [channels.broadcast_mul(&x)?, channels.broadcast_mul(&y)?];
-        if let Some(map) = &self.coord_products {
-            let products = Tensor::cat(&products, D::Minus1)?;
-            return Ok((self.projector.forward(features)? + map.forward(&products)?)?);
+        let mut extra = Vec::with_capacity(3);
+        if v.token_coord_products {
+            let channels = features.narrow(D::Minus1, 0, w - 2)?;
+            extra.push(channels.broadcast_mul(&x)?);
+            extra.push(channels.broadcast_mul(&y)?);
         }
-        let wide = Tensor::cat(&[features, &products[0], &products[1]], D::Minus1)?;
-        self.projector.forward(&wide)
+        if v.token_coord_fourier > 0 {
+            extra.push(crate::vision::convnet::fourier_coords(
+                &x,
+                &y,
+                v.token_coord_fourier,
+            )?);
+        }
+        let extra = Tensor::cat(&extra, D::Minus1)?;
+        if let Some(map) = &self.coord_products {
+            return Ok((self.projector.forward(features)? + map.forward(&extra)?)?);
+        }
+        self.projector
+            .forward(&Tensor::cat(&[features, &extra], D::Minus1)?)
     }
 
     /// The vision tower's selected features, before the projector.

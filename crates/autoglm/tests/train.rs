@@ -880,6 +880,67 @@ fn a_feature_stage_sets_the_token_grid() {
             );
         }
     }
+    // token_coord_fourier: 2 frequencies add 8 inputs after the products
+    // to the linear map: sin, cos of x then of y at π/2, then at π.
+    let mut four = lin.clone();
+    four.vision_config.token_coord_fourier = 2;
+    assert_eq!(four.vision_config.projector_input_width(), 82);
+    assert_eq!(four.vision_config.coord_products_width(), 168);
+    assert!(four.validate(path).is_ok());
+    let vm_four = VarMap::new();
+    let with_four = build(&vm_four, &four);
+    same_tower(&vm_four);
+    for (name, var) in vm_four.data().lock().unwrap().iter() {
+        if name.starts_with("multi_modal_projector.linear") {
+            var.set(vm_lin.data().lock().unwrap()[name].as_tensor())
+                .unwrap();
+        }
+    }
+    // Only the Fourier columns non-zero: the output is the plain one plus
+    // the map of the 8 features.
+    let m4: Vec<f32> = (0..16 * 168)
+        .map(|i| {
+            if i % 168 >= 160 {
+                ((i % 7) as f32 - 3.0) * 0.1
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    vm_four.data().lock().unwrap()["multi_modal_projector.coord_products.weight"]
+        .set(&Tensor::from_vec(m4.clone(), (16, 168), &Device::Cpu).unwrap())
+        .unwrap();
+    let got = with_four.project(&f).unwrap().to_vec3::<f32>().unwrap();
+    for (n, t) in [(0, 0), (1, 9), (1, 63)] {
+        let (x, y) = (feats[n][t][80] as f64, feats[n][t][81] as f64);
+        let h = std::f64::consts::FRAC_PI_2;
+        let four_feats = [
+            (h * x).sin(),
+            (h * x).cos(),
+            (h * y).sin(),
+            (h * y).cos(),
+            (2.0 * h * x).sin(),
+            (2.0 * h * x).cos(),
+            (2.0 * h * y).sin(),
+            (2.0 * h * y).cos(),
+        ];
+        for o in 0..16 {
+            let mut want = plain[n][t][o] as f64;
+            for (k, v) in four_feats.iter().enumerate() {
+                want += m4[o * 168 + 160 + k] as f64 * v;
+            }
+            let d = (got[n][t][o] as f64 - want).abs();
+            assert!(
+                d < 1e-4,
+                "fourier: image {n} token {t} output {o}: {} vs {want}",
+                got[n][t][o]
+            );
+        }
+    }
+    let mut no_coords = cfg(Some(4));
+    no_coords.vision_config.token_coord_fourier = 2;
+    let e = no_coords.validate(path).unwrap_err().to_string();
+    assert!(e.contains("token_coord_fourier"), "{e}");
     let mut alone = with_coords(Some(4));
     alone.vision_config.token_coord_products_linear = true;
     let e = alone.validate(path).unwrap_err().to_string();
@@ -987,6 +1048,16 @@ fn bad_training_configs_name_the_field() {
         serde_json::json!({"vision": "efficientnet-lite0", "vision_feature_stage": 4,
                            "vision_token_coords": true, "vision_token_coord_products_linear": true}),
         "vision_token_coord_products_linear",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "vision_feature_stage": 4,
+                           "vision_token_coords": true, "vision_token_coord_fourier": 0}),
+        "vision_token_coord_fourier",
+    );
+    check(
+        serde_json::json!({"vision": "efficientnet-lite0", "vision_feature_stage": 4,
+                           "vision_token_coord_fourier": 4}),
+        "vision_token_coord_fourier",
     );
     check(
         serde_json::json!({"oracle_scenes": "scenes.jsonl"}),

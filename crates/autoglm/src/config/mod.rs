@@ -192,6 +192,10 @@ pub const EFFICIENTNET_LITE0: &str = "efficientnet_lite0";
 /// `num_hidden_layers` stride-2 convolutions.
 pub const CONV_VISION: &str = "conv_vision";
 
+/// The most frequencies `token_coord_fourier` takes: the 8th is 64π, past
+/// what a grid of image tokens can tell apart.
+pub const MAX_COORD_FOURIER: usize = 8;
+
 /// HF `CLIPVisionConfig`, with HF's defaults.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -246,6 +250,16 @@ pub struct ClipVisionConfig {
     /// grows from their gradient (docs/benchmarks.md, "Left/right: a
     /// saddle").
     pub token_coord_products_linear: bool,
+    /// Not in HF's config, with `token_coords` only: the projector also
+    /// reads this many frequencies of each token's (x, y), sin and cos of
+    /// x and of y at π/2, π, 2π, … ([`crate::vision::convnet::fourier_coords`]).
+    /// The dot product of two tokens' features is then a sum of
+    /// cos(ω Δx) + cos(ω Δy), a function of how far apart they are, which
+    /// one attention score can read (docs/benchmarks.md, "Closest and
+    /// furthest"). They go where the products go: through
+    /// `coord_products` with `token_coord_products_linear`, else through
+    /// the projector. 0: none.
+    pub token_coord_fourier: usize,
     /// Not in HF's config, [`EFFICIENTNET_LITE0`] only: each image token
     /// also carries this earlier stage's map (1-based), average-pooled onto
     /// the tokens' grid, after its channels: low-level features (colour,
@@ -274,6 +288,7 @@ impl Default for ClipVisionConfig {
             token_coords: false,
             token_coord_products: false,
             token_coord_products_linear: false,
+            token_coord_fourier: 0,
             low_level_stage: None,
         }
     }
@@ -324,26 +339,28 @@ impl ClipVisionConfig {
             }
     }
 
-    /// Width of what the projector reads: [`Self::feature_width`], and with
-    /// `token_coord_products` (not `token_coord_products_linear`) the
-    /// channels times x and times y after it.
+    /// Width of what the projector reads: [`Self::feature_width`], and
+    /// without `token_coord_products_linear` the features made from (x, y)
+    /// after it ([`Self::coord_products_width`]).
     pub fn projector_input_width(&self) -> usize {
         let w = self.feature_width();
-        if self.token_coord_products && !self.token_coord_products_linear {
-            w + self.coord_products_width()
-        } else {
+        if self.token_coord_products_linear {
             w
+        } else {
+            w + self.coord_products_width()
         }
     }
 
-    /// How many products of the channels and (x, y) a token has: twice its
-    /// channels, 0 without `token_coord_products`.
+    /// How many features a token gets from its (x, y) beyond them: its
+    /// channels times x and times y with `token_coord_products` (twice its
+    /// channels), then 4 per `token_coord_fourier` frequency.
     pub fn coord_products_width(&self) -> usize {
-        if self.token_coord_products {
+        let products = if self.token_coord_products {
             2 * self.feature_width().saturating_sub(2)
         } else {
             0
-        }
+        };
+        products + 4 * self.token_coord_fourier
     }
 
     /// Checks the head layout and that the image holds at least one patch.
@@ -378,6 +395,14 @@ impl ClipVisionConfig {
             return Err(invalid(
                 path,
                 "vision_config: token_coord_products multiplies the channels by the (x, y) that token_coords appends; set token_coords too or drop it".into(),
+            ));
+        }
+        if self.token_coord_fourier > MAX_COORD_FOURIER
+            || (self.token_coord_fourier > 0 && !self.token_coords)
+        {
+            return Err(invalid(
+                path,
+                format!("vision_config: token_coord_fourier {} must be 0 (none) or up to {MAX_COORD_FOURIER} frequencies of the (x, y) that token_coords appends (set token_coords too)", self.token_coord_fourier),
             ));
         }
         if self.token_coord_products_linear && !self.token_coord_products {

@@ -223,6 +223,13 @@ pub struct VqaTrainConfig {
     /// them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub vision_token_coord_products_linear: bool,
+    /// With `vision_token_coords`: this many frequencies of each token's
+    /// (x, y), sin and cos at π/2, π, 2π, … (`vision_config.token_coord_fourier`),
+    /// so that one attention score can say how near two tokens are. They
+    /// go where the products go (through their linear map with
+    /// `vision_token_coord_products_linear`). Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_token_coord_fourier: Option<usize>,
     /// All of an image's tokens take one rotary position in the decoder
     /// (`image_tokens_share_position` in the model's config.json): a
     /// word is matched against every image token at the same distance.
@@ -524,6 +531,15 @@ impl VqaTrainConfig {
                 "vision_token_coord_products",
                 "multiplies the channels by the (x, y) that vision_token_coords appends; set vision_token_coords too or drop it".into(),
             );
+        }
+        if let Some(n) = self.vision_token_coord_fourier {
+            let max = crate::config::MAX_COORD_FOURIER;
+            if n == 0 || n > max || !self.vision_token_coords {
+                return bad(
+                    "vision_token_coord_fourier",
+                    format!("{n}: takes 1 to {max} frequencies of the (x, y) that vision_token_coords appends (set vision_token_coords too); leave it out for none"),
+                );
+            }
         }
         if self.vision_token_coord_products_linear && !self.vision_token_coord_products {
             return bad(
@@ -862,6 +878,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
         }
         if c.vision_token_coord_products_linear {
             v["token_coord_products_linear"] = true.into();
+        }
+        if let Some(n) = c.vision_token_coord_fourier {
+            v["token_coord_fourier"] = n.into();
         }
         if let Some(j) = c.vision_low_level_stage {
             v["low_level_stage"] = j.into();

@@ -340,6 +340,26 @@ pub fn grid_coords(g: usize, device: &candle_core::Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (g * g, 2), device)?)
 }
 
+/// Sines and cosines of coordinates at `n` frequencies ω = π/2, π, 2π, …:
+/// for each ω in turn, sin(ω x), cos(ω x), sin(ω y), cos(ω y). Two points'
+/// features have the dot product Σ cos(ω Δx) + cos(ω Δy), which depends
+/// only on how far apart they are (and is largest at 0).
+///
+/// # Shapes
+/// `x`, `y`: (…, 1) → (…, 4n)
+pub fn fourier_coords(x: &Tensor, y: &Tensor, n: usize) -> Result<Tensor> {
+    let mut parts = Vec::with_capacity(4 * n);
+    for k in 0..n {
+        let w = std::f64::consts::FRAC_PI_2 * (1u64 << k) as f64;
+        for c in [x, y] {
+            let a = (c * w)?;
+            parts.push(a.sin()?);
+            parts.push(a.cos()?);
+        }
+    }
+    Ok(Tensor::cat(&parts, D::Minus1)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,6 +484,27 @@ mod tests {
                 vec![0.5, 0.5]
             ]
         );
+    }
+
+    #[test]
+    fn fourier_coordinates_are_sines_and_cosines_whose_dot_product_is_the_distance_kernel() {
+        let x = Tensor::new(&[[0.5f32], [-0.25]], &Device::Cpu).unwrap();
+        let y = Tensor::new(&[[-1.0f32], [0.75]], &Device::Cpu).unwrap();
+        let f = fourier_coords(&x, &y, 2).unwrap().to_vec2::<f32>().unwrap();
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        // ω = π/2: sin, cos of x = 0.5, then of y = -1; ω = π: the same.
+        let first = [h, h, -1.0, 0.0, 1.0, 0.0, 0.0, -1.0];
+        assert_eq!(f[0].len(), 8);
+        for (got, want) in f[0].iter().zip(first) {
+            assert!((got - want).abs() < 1e-6, "{:?}", f[0]);
+        }
+        // Σ_ω cos(ω Δx) + cos(ω Δy) for Δ = (0.75, -1.75).
+        let dot: f32 = f[0].iter().zip(&f[1]).map(|(a, b)| a * b).sum();
+        let want: f32 = [std::f32::consts::FRAC_PI_2, std::f32::consts::PI]
+            .iter()
+            .map(|w| (w * 0.75).cos() + (w * -1.75).cos())
+            .sum();
+        assert!((dot - want).abs() < 1e-5, "{dot} vs {want}");
     }
 
     #[test]
