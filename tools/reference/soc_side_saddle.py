@@ -30,6 +30,10 @@ p.add_argument("--seed", type=int, default=0)
 p.add_argument("--layers", type=int, default=3)
 p.add_argument("--qk-norm", action="store_true")
 p.add_argument("--eval-every", type=int, default=250)
+p.add_argument("--task", default="side", choices=["side", "closest", "furthest", "relation"],
+               help="left/right, or the shape of the object closest to / furthest from the named one (relation: both)")
+p.add_argument("--fourier", type=int, default=0,
+               help="also sin, cos of every cell's x and y at pi/2, pi, 2pi, ... (vision_token_coord_fourier)")
 a = p.parse_args()
 torch.manual_seed(a.seed); random.seed(a.seed)
 torch.set_num_threads(1)
@@ -65,16 +69,29 @@ def features(objs):
     elif a.coords == "onehot":
         for k in range(G*G):
             f[k, 8 + k % G] = 1; f[k, 16 + k // G] = 1
+    for j in range(a.fourier):
+        w = math.pi / 2 * 2 ** j
+        for i, c in enumerate((xs, ys)):
+            f[:, 24 + 4*j + 2*i] = (w * c).sin(); f[:, 25 + 4*j + 2*i] = (w * c).cos()
     return f
 
 # vocabulary: template words + colours + answers
 words = ["<pad>", "<im_start>", "user", "\n", "<image>", "<im_end>", "assistant", "Is", "the", "object", "on",
          "left", "or", "right", "of", "image", "?", "What", "is", "shape", "square", "circle",
-         "red", "green", "blue", "orange", "gray", "yellow"]
+         "red", "green", "blue", "orange", "gray", "yellow", "closest", "to", "furthest", "from"]
 V = {w: i for i, w in enumerate(words)}
 COL = ["red", "green", "blue", "orange", "gray", "yellow"]
 
 def question(objs, c):
+    task = a.task
+    if task == "relation":  # one of the two, fixed for each scene and colour
+        task = "closest" if (objs[c][1] + objs[c][2]) % 2 == 0 else "furthest"
+    if task != "side":
+        d = {o[0]: (o[1]-objs[c][1])**2 + (o[2]-objs[c][2])**2 for o in objs if o[0] != c}
+        pick = (min if task == "closest" else max)(d, key=d.get)
+        link = ["closest", "to"] if task == "closest" else ["furthest", "from"]
+        q = ["What", "is", "the", "shape", "of", "the", "object"] + link + ["the", COL[c], "object", "?"]
+        return q, ("circle" if objs[pick][3] else "square")
     q = ["Is", "the", COL[c], "object", "on", "the", "left", "or", "right", "of", "the", "image", "?"]
     return q, ("left" if objs[c][1] < SIZE // 2 else "right")
 
