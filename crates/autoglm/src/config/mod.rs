@@ -255,8 +255,8 @@ pub struct ClipVisionConfig {
     /// x and of y at π/2, π, 2π, … ([`crate::vision::convnet::fourier_coords`]).
     /// The dot product of two tokens' features is then a sum of
     /// cos(ω Δx) + cos(ω Δy), a function of how far apart they are, which
-    /// one attention score can read (docs/benchmarks.md, "Closest and
-    /// furthest"). They go where the products go: through
+    /// one attention score can read (docs/benchmarks.md, "A chain of
+    /// runs"). They go where the products go: through
     /// `coord_products` with `token_coord_products_linear`, else through
     /// the projector. 0: none.
     pub token_coord_fourier: usize,
