@@ -36,7 +36,8 @@ pub const COORD_PRODUCTS: &str = "coord_products";
 pub struct Llava {
     pub vision: VisionTower,
     pub projector: Projector,
-    /// The tokens' channels times x and times y, mapped to the decoder's
+    /// The tokens' channels times x and times y (and their Fourier
+    /// coordinates, with `token_coord_fourier`), mapped to the decoder's
     /// width and added to the projector's output
     /// (`multi_modal_projector.coord_products`), with
     /// `token_coord_products_linear`.
