@@ -30,10 +30,18 @@ p.add_argument("--seed", type=int, default=0)
 p.add_argument("--layers", type=int, default=3)
 p.add_argument("--qk-norm", action="store_true")
 p.add_argument("--eval-every", type=int, default=250)
-p.add_argument("--task", default="side", choices=["side", "closest", "furthest", "relation"],
-               help="left/right, or the shape of the object closest to / furthest from the named one (relation: both)")
+p.add_argument("--task", default="side", choices=["side", "closest", "furthest", "relation", "shape", "mix"],
+               help="left/right, or the shape of the object closest to / furthest from the named one (relation: both; shape: the named one's; mix: shape, closest, furthest)")
+p.add_argument("--shape-steps", type=int, default=0,
+               help="with --task mix: shape questions alone for this many steps first")
 p.add_argument("--fourier", type=int, default=0,
                help="also sin, cos of every cell's x and y at pi/2, pi, 2pi, ... (vision_token_coord_fourier)")
+p.add_argument("--image-mask", default="causal", choices=["causal", "bidirectional"],
+               help="bidirectional: the image tokens attend to each other both ways in the decoder (a prefix-LM mask)")
+p.add_argument("--mixer", type=int, default=0,
+               help="this many bidirectional transformer layers over the projected image tokens before the decoder")
+p.add_argument("--attn-scale", type=float, default=1.0,
+               help="multiply every attention logit by this (1: q.k / sqrt(d))")
 a = p.parse_args()
 torch.manual_seed(a.seed); random.seed(a.seed)
 torch.set_num_threads(1)
@@ -82,10 +90,12 @@ words = ["<pad>", "<im_start>", "user", "\n", "<image>", "<im_end>", "assistant"
 V = {w: i for i, w in enumerate(words)}
 COL = ["red", "green", "blue", "orange", "gray", "yellow"]
 
-def question(objs, c):
-    task = a.task
+def question(objs, c, task):
     if task == "relation":  # one of the two, fixed for each scene and colour
         task = "closest" if (objs[c][1] + objs[c][2]) % 2 == 0 else "furthest"
+    if task == "shape":
+        q = ["What", "is", "the", "shape", "of", "the", COL[c], "object", "?"]
+        return q, ("circle" if objs[c][3] else "square")
     if task != "side":
         d = {o[0]: (o[1]-objs[c][1])**2 + (o[2]-objs[c][2])**2 for o in objs if o[0] != c}
         pick = (min if task == "closest" else max)(d, key=d.get)
@@ -95,8 +105,8 @@ def question(objs, c):
     q = ["Is", "the", COL[c], "object", "on", "the", "left", "or", "right", "of", "the", "image", "?"]
     return q, ("left" if objs[c][1] < SIZE // 2 else "right")
 
-def example(objs, c):
-    q, ans = question(objs, c)
+def example(objs, c, task):
+    q, ans = question(objs, c, task)
     pre = ["<im_start>", "user", "\n"]
     post = ["\n"] + q + ["<im_end>", "\n", "<im_start>", "assistant", "\n"]
     return [V[w] for w in pre], [V[w] for w in post], [V[ans], V["<im_end>"]]
@@ -125,16 +135,16 @@ class Layer(nn.Module):
         s.o = nn.Linear(H, H, bias=False)
         s.g = nn.Linear(H, FF, bias=False); s.u = nn.Linear(H, FF, bias=False); s.d = nn.Linear(FF, H, bias=False)
         if a.qk_norm: s.qn, s.kn = RMS(HD), RMS(HD)
-    def forward(s, x, pos, mask):
+    def forward(s, x, pos, mask, use_rope=True):
         B, T, _ = x.shape
         h = s.n1(x)
         q = s.q(h).view(B, T, NH, HD).transpose(1, 2)
         k = s.k(h).view(B, T, KV, HD).transpose(1, 2)
         v = s.v(h).view(B, T, KV, HD).transpose(1, 2)
         if a.qk_norm: q, k = s.qn(q), s.kn(k)
-        q, k = rope(q, pos), rope(k, pos)
+        if use_rope: q, k = rope(q, pos), rope(k, pos)
         k = k.repeat_interleave(NH // KV, 1); v = v.repeat_interleave(NH // KV, 1)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(HD) + mask
+        att = (q @ k.transpose(-1, -2)) * (a.attn_scale / math.sqrt(HD)) + mask
         y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H)
         x = x + s.o(y)
         h = s.n2(x)
@@ -146,14 +156,17 @@ class Model(nn.Module):
         s.emb = nn.Embedding(len(words), H)
         s.proj = nn.Sequential(nn.Linear(a.feat, H), nn.GELU(), nn.Linear(H, H))
         s.layers = nn.ModuleList([Layer() for _ in range(a.layers)])
+        s.mixer = nn.ModuleList([Layer() for _ in range(a.mixer)])
         s.norm = RMS(H)
     def forward(s, feats, pre, post):  # feats (B, 64, F); pre/post (B, Tp)/(B, Tq) ids
         img = s.proj(feats)
+        for l in s.mixer: img = l(img, None, 0.0, use_rope=False)
         x = torch.cat([s.emb(pre), img, s.emb(post)], 1)
         npre, nimg, npost = pre.shape[1], img.shape[1], post.shape[1]
         pos = torch.cat([torch.arange(npre), torch.full((nimg,), npre), npre + 1 + torch.arange(npost)])
         T = x.shape[1]
         mask = torch.full((T, T), float("-inf")).triu(1)
+        if a.image_mask == "bidirectional": mask[npre:npre + nimg, npre:npre + nimg] = 0.0
         for l in s.layers: x = l(x, pos, mask)
         return s.norm(x) @ s.emb.weight.T
 
@@ -174,36 +187,42 @@ def lr_at(step):
 
 trainF = [features(o) for o in train]; heldF = [features(o) for o in held]
 
-def batch(scenes, F_, idx_pairs):
+def batch(scenes, F_, idx_pairs, task):
     fs, pres, posts, answers = [], [], [], []
     for i, c in idx_pairs:
-        pre, post, ans = example(scenes[i], c)
+        pre, post, ans = example(scenes[i], c, task)
         fs.append(F_[i]); pres.append(pre); posts.append(post + ans[:-1]); answers.append(ans)
     L = max(len(p_) for p_ in posts)
-    assert all(len(p_) == L for p_ in posts)
+    posts = [[V["<pad>"]] * (L - len(p_)) + p_ for p_ in posts]  # left-pad inside the question
     return torch.stack(fs), torch.tensor(pres), torch.tensor(posts), torch.tensor(answers)
 
 def evaluate():
-    m.eval(); right = 0; n = 0
+    m.eval(); out = []
     with torch.no_grad():
-        pairs = [(i, c) for i in range(len(held)) for c in range(N)]
-        for s in range(0, len(pairs), 64):
-            f, pre, post, ans = batch(held, heldF, pairs[s:s+64])
-            logits = m(f, pre, post)
-            pred = logits[:, -2].argmax(-1)
-            right += (pred == ans[:, 0]).sum().item(); n += len(pred)
-    m.train(); return right / n
+        for task in (["shape", "closest", "furthest"] if a.task == "mix" else [a.task]):
+            right = 0; n = 0
+            pairs = [(i, c) for i in range(len(held)) for c in range(N)]
+            for s in range(0, len(pairs), 64):
+                f, pre, post, ans = batch(held, heldF, pairs[s:s+64], task)
+                logits = m(f, pre, post)
+                pred = logits[:, -2].argmax(-1)
+                right += (pred == ans[:, 0]).sum().item(); n += len(pred)
+            out.append(f"{task} {right / n * 100:.1f}%")
+    m.train(); return " ".join(out)
 
 t0 = time.time()
 for step in range(a.steps):
     for g in opt.param_groups: g["lr"] = lr_at(step)
     imgs = [random.randrange(len(train)) for _ in range(a.batch // 4)]
     pairs = [(i, random.randrange(N)) for i in imgs for _ in range(4)]
-    f, pre, post, ans = batch(train, trainF, pairs)
+    if a.task != "mix": task = a.task
+    elif step < a.shape_steps: task = "shape"
+    else: task = random.choice(["shape", "closest", "furthest"])
+    f, pre, post, ans = batch(train, trainF, pairs, task)
     logits = m(f, pre, post)
     loss = F.cross_entropy(logits[:, -2:].reshape(-1, logits.shape[-1]), ans.reshape(-1))
     opt.zero_grad(); loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
     opt.step()
     if (step + 1) % a.eval_every == 0:
-        print(f"step {step+1} loss {loss.item():.3f} |g| {gn:.2f} held-out {evaluate()*100:.1f}% ({time.time()-t0:.0f}s)", flush=True)
+        print(f"step {step+1} loss {loss.item():.3f} |g| {gn:.2f} held-out {evaluate()} ({time.time()-t0:.0f}s)", flush=True)

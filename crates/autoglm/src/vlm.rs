@@ -45,6 +45,9 @@ pub struct Llava {
     /// Image→text attention on the projected image tokens
     /// (`image_text_attention.*`), when the config asks for it.
     pub image_text: Option<GatedCrossAttention>,
+    /// Self-attention over each image's projected tokens
+    /// (`image_self_attention.{i}`), with `image_self_attention_layers`.
+    pub image_self: Vec<GatedCrossAttention>,
     /// Chooses each prompt's path (`router.*`), when the config asks for
     /// it.
     pub router: Option<Router>,
@@ -124,7 +127,7 @@ impl Llava {
                 .token_coord_products_linear
                 .then(|| {
                     crate::nn::linear_no_bias(
-                        cfg.vision_config.coord_products_width(),
+                        cfg.vision_config.coord_extra_width(),
                         t.hidden_size,
                         root.pp("multi_modal_projector").pp(COORD_PRODUCTS),
                     )
@@ -142,6 +145,17 @@ impl Llava {
                     )
                 })
                 .transpose()?,
+            image_self: (0..cfg.image_self_attention_layers)
+                .map(|i| {
+                    GatedCrossAttention::new(
+                        root.pp("image_self_attention").pp(i),
+                        t.hidden_size,
+                        t.hidden_size,
+                        t.num_attention_heads,
+                        None,
+                    )
+                })
+                .collect::<Result<_>>()?,
             // A router that chooses before the tower reads the question's
             // mean embedding; one that chooses after it, the image's too.
             router: cfg
@@ -205,6 +219,21 @@ impl Llava {
     /// # Shapes
     /// `features`: (N, T, H_vision) → (N, T, H_lm)
     pub fn project(&self, features: &Tensor) -> Result<Tensor> {
+        self.mix_image_tokens(self.project_tokens(features)?)
+    }
+
+    /// The `image_self_attention` blocks on one batch of images' projected
+    /// tokens, each token attending to all of its own image's tokens.
+    ///
+    /// # Shapes
+    /// `tokens`: (N, T, H_lm) → (N, T, H_lm)
+    pub fn mix_image_tokens(&self, tokens: Tensor) -> Result<Tensor> {
+        self.image_self
+            .iter()
+            .try_fold(tokens, |x, block| block.forward_self(&x))
+    }
+
+    fn project_tokens(&self, features: &Tensor) -> Result<Tensor> {
         let v = &self.config.vision_config;
         if !v.token_coord_products && v.token_coord_fourier == 0 {
             return self.projector.forward(features);
@@ -309,7 +338,7 @@ impl Llava {
     /// The light path's projector on its tower features.
     pub fn project_light(&self, features: &Tensor) -> Result<Tensor> {
         match &self.light_projector {
-            Some(p) => p.forward(features),
+            Some(p) => self.mix_image_tokens(p.forward(features)?),
             None => self.project(features),
         }
     }

@@ -625,6 +625,89 @@ fn image_text_attention_trains_and_reloads() {
     assert_eq!(r.examples, 4);
 }
 
+/// Image self-attention blocks added to a trained model (`init_from`)
+/// start as the identity: the new model answers exactly as the old one
+/// until it trains. Training then opens their gates, and the saved model
+/// records the blocks and reloads for `eval`.
+#[test]
+fn image_self_attention_joins_a_trained_model_and_reloads() {
+    use autoglm::train::vqa::{evaluate, load_data, train_vqa, DataSource, VqaTrainConfig};
+    let base = serde_json::json!({
+        "data": {"kind": "easy-vqa"}, "vision": "vit", "max_train_examples": 32,
+        "image_size": 16, "patch_size": 8, "vision_hidden": 16, "vision_layers": 1,
+        "vision_heads": 2, "projector": "mlp", "text_hidden": 32, "text_layers": 1,
+        "text_heads": 2, "text_kv_heads": 1, "vocab_size": 262, "steps": 4,
+        "batch_size": 4, "peak_lr": 3e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 2,
+        "held_out_images": 0
+    });
+    let first = tempfile::tempdir().unwrap();
+    let cfg: VqaTrainConfig = serde_json::from_value(base.clone()).unwrap();
+    train_vqa(&cfg, first.path(), false, &mut |_| {}).unwrap();
+    let mut more = base.clone();
+    more["init_from"] = first.path().to_str().unwrap().into();
+    more["image_self_attention_layers"] = 2.into();
+    let test: Vec<_> = load_data(&DataSource::EasyVqa, "test")
+        .unwrap()
+        .into_iter()
+        .take(8)
+        .collect();
+    // The old weights in a model with the blocks: the blocks' own
+    // weights are all that is new, and the features are the old ones.
+    let old = Llava::load(first.path(), &Device::Cpu).unwrap();
+    let mut with: LlavaConfig = autoglm::io::read_json(&first.path().join("config.json")).unwrap();
+    with.image_self_attention_layers = 2;
+    let vm = VarMap::new();
+    let new = Llava::new(
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        &with,
+    )
+    .unwrap();
+    let saved =
+        candle_core::safetensors::load(first.path().join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    for (name, var) in vm.data().lock().unwrap().iter() {
+        match saved.get(name) {
+            Some(t) => var.set(t).unwrap(),
+            None => assert!(name.starts_with("image_self_attention."), "{name}"),
+        }
+    }
+    assert_eq!(new.image_self.len(), 2);
+    let pixels: Vec<f32> = (0..2 * 3 * 16 * 16)
+        .map(|i| (i * 37 % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let pixels = Tensor::from_vec(pixels, (2, 3, 16, 16), &Device::Cpu).unwrap();
+    // (Not bit-exact: the two load paths differ in float rounding.)
+    let d = common::max_abs_diff(
+        &old.image_features(&pixels).unwrap(),
+        &new.image_features(&pixels).unwrap(),
+    );
+    assert!(d < 1e-5, "closed blocks changed the features by {d}");
+    let trained = tempfile::tempdir().unwrap();
+    let cfg: VqaTrainConfig = serde_json::from_value(more).unwrap();
+    train_vqa(&cfg, trained.path(), false, &mut |_| {}).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(trained.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["image_self_attention_layers"], 2);
+    let w = candle_core::safetensors::load(trained.path().join("model.safetensors"), &Device::Cpu)
+        .unwrap();
+    for g in [
+        "image_self_attention.0.attn_gate",
+        "image_self_attention.1.ff_gate",
+    ] {
+        let v = w[g].to_vec1::<f32>().unwrap()[0];
+        assert!(v != 0.0, "{g} did not train");
+    }
+    let moved = Llava::load(trained.path(), &Device::Cpu).unwrap();
+    let d = common::max_abs_diff(
+        &old.image_features(&pixels).unwrap(),
+        &moved.image_features(&pixels).unwrap(),
+    );
+    assert!(d > 1e-4, "training moved the features by only {d}");
+    let r = evaluate(trained.path(), &test, &Device::Cpu, Default::default()).unwrap();
+    assert_eq!(r.examples, 8);
+}
+
 /// The confusion matrix counts true answer × given answer, with `(other)`
 /// for answers outside the label set, and draws as a PNG.
 #[test]
@@ -833,7 +916,7 @@ fn a_feature_stage_sets_the_token_grid() {
     let mut lin = prod.clone();
     lin.vision_config.token_coord_products_linear = true;
     assert_eq!(lin.vision_config.projector_input_width(), 82);
-    assert_eq!(lin.vision_config.coord_products_width(), 160);
+    assert_eq!(lin.vision_config.coord_extra_width(), 160);
     assert!(lin.validate(path).is_ok());
     let vm_lin = VarMap::new();
     let with_lin = build(&vm_lin, &lin);
@@ -885,7 +968,7 @@ fn a_feature_stage_sets_the_token_grid() {
     let mut four = lin.clone();
     four.vision_config.token_coord_fourier = 2;
     assert_eq!(four.vision_config.projector_input_width(), 82);
-    assert_eq!(four.vision_config.coord_products_width(), 168);
+    assert_eq!(four.vision_config.coord_extra_width(), 168);
     assert!(four.validate(path).is_ok());
     let vm_four = VarMap::new();
     let with_four = build(&vm_four, &four);
@@ -1194,6 +1277,14 @@ fn bad_training_configs_name_the_field() {
     check(
         serde_json::json!({"image_text_attention_heads": 2, "blind": true}),
         "image_text_attention_heads",
+    );
+    check(
+        serde_json::json!({"image_self_attention_layers": 17}),
+        "image_self_attention_layers",
+    );
+    check(
+        serde_json::json!({"image_self_attention_layers": 1, "blind": true}),
+        "image_self_attention_layers",
     );
 }
 

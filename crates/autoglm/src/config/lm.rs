@@ -324,6 +324,14 @@ pub struct LlavaConfig {
     /// on the question. Absent: plain prefix tokens.
     #[serde(default)]
     pub image_text_attention_heads: Option<usize>,
+    /// Not in HF's config: the projected image tokens pass this many gated
+    /// self-attention blocks (`image_self_attention.{i}`, the decoder's
+    /// heads, every token attending to every other of its image, tanh
+    /// gates starting at 0) before they enter the decoder. A token can
+    /// then carry what it holds relative to the others (e.g. its nearest
+    /// object's shape) before any question reads it. 0: none.
+    #[serde(default)]
+    pub image_self_attention_layers: usize,
     /// Not in HF's config: a learned router (`router.*`) sends each prompt
     /// down a light path, decoding with only this many decoder layers
     /// (early exit), or the full one. Absent: always the full path.
@@ -363,6 +371,9 @@ fn default_half() -> f64 {
     0.5
 }
 
+/// The most `image_self_attention_layers` a config may ask for.
+pub const MAX_IMAGE_SELF_ATTENTION_LAYERS: usize = 16;
+
 fn default_layer() -> i64 {
     -2
 }
@@ -390,6 +401,15 @@ impl LlavaConfig {
                     format!("image_text_attention_heads {h} must be at least 1 and divide the decoder width {width}"),
                 ));
             }
+        }
+        if self.image_self_attention_layers > MAX_IMAGE_SELF_ATTENTION_LAYERS {
+            return Err(invalid(
+                path,
+                format!(
+                    "image_self_attention_layers {} is more than {MAX_IMAGE_SELF_ATTENTION_LAYERS}; use fewer blocks",
+                    self.image_self_attention_layers
+                ),
+            ));
         }
         if let Some(l) = self.router_light_layers {
             let n = self.text_config.num_hidden_layers;

@@ -341,20 +341,23 @@ impl ClipVisionConfig {
 
     /// Width of what the projector reads: [`Self::feature_width`], and
     /// without `token_coord_products_linear` the features made from (x, y)
-    /// after it ([`Self::coord_products_width`]).
+    /// after it ([`Self::coord_extra_width`]).
     pub fn projector_input_width(&self) -> usize {
         let w = self.feature_width();
         if self.token_coord_products_linear {
             w
         } else {
-            w + self.coord_products_width()
+            w + self.coord_extra_width()
         }
     }
 
     /// How many features a token gets from its (x, y) beyond them: its
     /// channels times x and times y with `token_coord_products` (twice its
-    /// channels), then 4 per `token_coord_fourier` frequency.
-    pub fn coord_products_width(&self) -> usize {
+    /// channels), then 4 per `token_coord_fourier` frequency. With
+    /// `token_coord_products_linear` they all go through the projector's
+    /// `coord_products` map (the name kept from before the Fourier
+    /// columns, so saved models still load).
+    pub fn coord_extra_width(&self) -> usize {
         let products = if self.token_coord_products {
             2 * self.feature_width().saturating_sub(2)
         } else {
@@ -641,4 +644,6 @@ impl ImageProcessorConfig {
 }
 
 mod lm;
-pub use lm::{LlamaConfig, LlavaConfig, ProjectorKind, RopeScaling};
+pub use lm::{
+    LlamaConfig, LlavaConfig, ProjectorKind, RopeScaling, MAX_IMAGE_SELF_ATTENTION_LAYERS,
+};

@@ -275,6 +275,27 @@ impl GatedCrossAttention {
         let a = self
             .attn
             .forward(&self.norm_attn.forward(x)?, image, image_mask)?;
+        self.gated(x, &a)
+    }
+
+    /// The block as self-attention: every position of `x` attends to all
+    /// of `x` (normed, as the queries), both ways, then the feed-forward
+    /// layer, each through its gate. The block must have been built with
+    /// `image_dim == hidden` (otherwise the key projection's product
+    /// fails with a shape error).
+    ///
+    /// # Shapes
+    /// `x`: (B, T, hidden) → (B, T, hidden)
+    pub fn forward_self(&self, x: &Tensor) -> Result<Tensor> {
+        use candle_nn::Module;
+        let normed = self.norm_attn.forward(x)?;
+        let a = self.attn.forward(&normed, &normed, None)?;
+        self.gated(x, &a)
+    }
+
+    /// `x + tanh(α_attn)·a`, then its gated feed-forward layer.
+    fn gated(&self, x: &Tensor, a: &Tensor) -> Result<Tensor> {
+        use candle_nn::Module;
         let x = (x + a.broadcast_mul(&self.attn_gate.tanh()?)?)?;
         let h = self
             .fc1
@@ -465,5 +486,58 @@ mod tests {
             None
         )
         .is_err());
+    }
+
+    /// As self-attention the block attends both ways: its attention is
+    /// the block's attention with the layer-normed tokens (normed here in
+    /// loops) as queries, keys and values; the first token's output
+    /// depends on the last token; and with no positions, reordering the
+    /// tokens reorders the outputs.
+    #[test]
+    fn gated_self_attention_attends_both_ways() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let block = GatedCrossAttention::new(vb, 8, 8, 2, None).unwrap();
+        let x = rand(&[1, 4, 8], 20);
+        assert_eq!(vec3(&block.forward_self(&x).unwrap()), vec3(&x));
+        let vars = vm.data().lock().unwrap();
+        vars["attn_gate"]
+            .set(&Tensor::new(&[0.5f32], &dev).unwrap())
+            .unwrap();
+        drop(vars);
+        let normed: Vec<Vec<f32>> = vec3(&x)[0]
+            .iter()
+            .map(|r| {
+                let m = r.iter().sum::<f32>() / 8.0;
+                let v = r.iter().map(|a| (a - m) * (a - m)).sum::<f32>() / 8.0;
+                r.iter().map(|a| (a - m) / (v + 1e-5).sqrt()).collect()
+            })
+            .collect();
+        let normed = Tensor::new(normed, &dev).unwrap().unsqueeze(0).unwrap();
+        let a = block.attn.forward(&normed, &normed, None).unwrap();
+        let want = (&x + (a * 0.5f64.tanh()).unwrap()).unwrap();
+        let y = block.forward_self(&x).unwrap();
+        close(&vec3(&y)[0], &vec3(&want)[0]);
+        // The last token changed: the first one's output changes.
+        let mut rows = vec3(&x)[0].clone();
+        rows[3] = rows[3].iter().map(|v| -v).collect();
+        let x2 = Tensor::new(rows.clone(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let y2 = block.forward_self(&x2).unwrap();
+        let moved = vec3(&y)[0][0]
+            .iter()
+            .zip(&vec3(&y2)[0][0])
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(moved > 1e-3, "the first token ignored the last: {moved}");
+        // Reversed tokens, reversed outputs.
+        rows.reverse();
+        let x3 = Tensor::new(rows, &dev).unwrap().unsqueeze(0).unwrap();
+        let mut y3 = vec3(&block.forward_self(&x3).unwrap())[0].clone();
+        y3.reverse();
+        close(&y3, &vec3(&y2)[0]);
     }
 }

@@ -163,6 +163,12 @@ pub struct VqaTrainConfig {
     /// Absent: plain prefix tokens (LLaVA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_text_attention_heads: Option<usize>,
+    /// Gated self-attention blocks over each image's projected tokens
+    /// before the decoder (`image_self_attention_layers` in the model's
+    /// config.json), the decoder's heads each. They start as the identity,
+    /// so they may be added to a model given by `init_from`. 0: none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub image_self_attention_layers: usize,
     /// Top-k sparse attention in the decoder and in a ViT tower: each query
     /// attends to its `k` highest-scoring keys. Absent: dense. Recorded in
     /// the model's `config.json` (`attention_top_k` of each tower).
@@ -282,8 +288,8 @@ pub struct CurriculumStage {
     pub types: Vec<String>,
 }
 
-fn is_zero(x: &f64) -> bool {
-    *x == 0.0
+fn is_zero<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
 }
 
 fn is_one(x: &usize) -> bool {
@@ -433,6 +439,25 @@ impl VqaTrainConfig {
                 return bad(
                     "image_text_attention_heads",
                     "a blind model has no image tokens to attend from; drop one of the two".into(),
+                );
+            }
+        }
+        if self.image_self_attention_layers > 0 {
+            let max = crate::config::MAX_IMAGE_SELF_ATTENTION_LAYERS;
+            if self.image_self_attention_layers > max {
+                return bad(
+                    "image_self_attention_layers",
+                    format!(
+                        "{} is more than {max}; use fewer blocks",
+                        self.image_self_attention_layers
+                    ),
+                );
+            }
+            if self.blind {
+                return bad(
+                    "image_self_attention_layers",
+                    "a blind model has no image tokens to attend between; drop one of the two"
+                        .into(),
                 );
             }
         }
@@ -917,6 +942,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
     if let Some(h) = c.image_text_attention_heads {
         cfg["image_text_attention_heads"] = h.into();
     }
+    if c.image_self_attention_layers > 0 {
+        cfg["image_self_attention_layers"] = c.image_self_attention_layers.into();
+    }
     if c.image_tokens_share_position {
         cfg["image_tokens_share_position"] = true.into();
     }
@@ -1060,8 +1088,9 @@ pub fn train_vqa(
         &serde_json::to_string_pretty(&cfg_json).unwrap_or_default(),
     )?;
     if let Some(src) = &c.init_from {
-        // A router (and a light path's projector) may be added to a
-        // trained model: it starts fresh.
+        // A router (and a light path's projector) and image
+        // self-attention blocks may be added to a trained model: they
+        // start fresh (the blocks as the identity).
         let mut theirs: serde_json::Value = crate::io::read_json(&src.join("config.json"))?;
         let mut ours = cfg_json.clone();
         for v in [&mut theirs, &mut ours] {
@@ -1069,6 +1098,7 @@ pub fn train_vqa(
                 o.remove("router_light_layers");
                 o.remove("router_light_image_size");
                 o.remove("router_light_tower_stage");
+                o.remove("image_self_attention_layers");
             }
         }
         if theirs != ours {
@@ -1101,7 +1131,9 @@ pub fn train_vqa(
             .map_err(|_| Error::Invalid("variable map poisoned".into()))?
             .iter()
         {
-            let fresh = name.starts_with("router.") || name.starts_with("light_projector.");
+            let fresh = name.starts_with("router.")
+                || name.starts_with("light_projector.")
+                || name.starts_with("image_self_attention.");
             if fresh && !saved.contains_key(name) {
                 saved.insert(name.clone(), var.as_tensor().copy()?);
             }
