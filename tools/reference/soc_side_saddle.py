@@ -40,6 +40,13 @@ p.add_argument("--image-mask", default="causal", choices=["causal", "bidirection
                help="bidirectional: the image tokens attend to each other both ways in the decoder (a prefix-LM mask)")
 p.add_argument("--mixer", type=int, default=0,
                help="this many bidirectional transformer layers over the projected image tokens before the decoder")
+p.add_argument("--distance-bias", type=float, default=0.0,
+               help="in the mixer layers, add slope_h * |p_i - p_j|^2 (the cells' (x, y)) to every logit, slopes learned per head from -S, -S, +S, +S")
+p.add_argument("--gated-mixer", action="store_true",
+               help="each mixer layer adds its attention and feed-forward through tanh gates starting at 0 (image_self_attention_layers)")
+p.add_argument("--occupied-keys", action="store_true",
+               help="in the mixer layers, only cells that hold an object are keys (an oracle objectness mask)")
+p.add_argument("--no-self", action="store_true", help="in the mixer layers, a token does not attend to itself")
 p.add_argument("--attn-scale", type=float, default=1.0,
                help="multiply every attention logit by this (1: q.k / sqrt(d))")
 a = p.parse_args()
@@ -62,7 +69,7 @@ held = [scene(rng) for _ in range(100)]
 
 def at(i): return (2*i + 1) / G - 1.0
 def features(objs):
-    f = torch.zeros(G*G, a.feat)
+    f = torch.zeros(G*G, a.feat + 1)
     occ = torch.zeros(G*G)
     for c, x, y, circ in objs:
         cell = (y*G//SIZE)*G + x*G//SIZE
@@ -70,9 +77,9 @@ def features(objs):
     xs = torch.tensor([at(k % G) for k in range(G*G)]); ys = torch.tensor([at(k // G) for k in range(G*G)])
     if a.coords in ("all", "occupied"):
         m = occ if a.coords == "occupied" else torch.ones(G*G)
-        f[:, -2] = xs * m * a.coord_scale; f[:, -1] = ys * m * a.coord_scale
+        f[:, a.feat-2] = xs * m * a.coord_scale; f[:, a.feat-1] = ys * m * a.coord_scale
     elif a.coords == "product":
-        f[:, -2] = xs; f[:, -1] = ys
+        f[:, a.feat-2] = xs; f[:, a.feat-1] = ys
         f[:, 8:16] = f[:, :8] * xs[:, None]; f[:, 16:24] = f[:, :8] * ys[:, None]
     elif a.coords == "onehot":
         for k in range(G*G):
@@ -81,6 +88,7 @@ def features(objs):
         w = math.pi / 2 * 2 ** j
         for i, c in enumerate((xs, ys)):
             f[:, 24 + 4*j + 2*i] = (w * c).sin(); f[:, 25 + 4*j + 2*i] = (w * c).cos()
+    f[:, a.feat] = occ  # not a feature: the oracle mask's column, dropped before the projector
     return f
 
 # vocabulary: template words + colours + answers
@@ -135,7 +143,8 @@ class Layer(nn.Module):
         s.o = nn.Linear(H, H, bias=False)
         s.g = nn.Linear(H, FF, bias=False); s.u = nn.Linear(H, FF, bias=False); s.d = nn.Linear(FF, H, bias=False)
         if a.qk_norm: s.qn, s.kn = RMS(HD), RMS(HD)
-    def forward(s, x, pos, mask, use_rope=True):
+        s.ga = nn.Parameter(torch.zeros(1)); s.gf = nn.Parameter(torch.zeros(1))
+    def forward(s, x, pos, mask, use_rope=True, bias=None, gated=False):
         B, T, _ = x.shape
         h = s.n1(x)
         q = s.q(h).view(B, T, NH, HD).transpose(1, 2)
@@ -145,10 +154,12 @@ class Layer(nn.Module):
         if use_rope: q, k = rope(q, pos), rope(k, pos)
         k = k.repeat_interleave(NH // KV, 1); v = v.repeat_interleave(NH // KV, 1)
         att = (q @ k.transpose(-1, -2)) * (a.attn_scale / math.sqrt(HD)) + mask
+        if bias is not None: att = att + bias
         y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H)
-        x = x + s.o(y)
+        ga, gf = (s.ga.tanh(), s.gf.tanh()) if gated else (1.0, 1.0)
+        x = x + ga * s.o(y)
         h = s.n2(x)
-        return x + s.d(F.silu(s.g(h)) * s.u(h))
+        return x + gf * s.d(F.silu(s.g(h)) * s.u(h))
 
 class Model(nn.Module):
     def __init__(s):
@@ -158,9 +169,17 @@ class Model(nn.Module):
         s.layers = nn.ModuleList([Layer() for _ in range(a.layers)])
         s.mixer = nn.ModuleList([Layer() for _ in range(a.mixer)])
         s.norm = RMS(H)
+        cx = torch.tensor([at(k % G) for k in range(G*G)]); cy = torch.tensor([at(k // G) for k in range(G*G)])
+        s.register_buffer("d2", (cx[:, None] - cx[None]) ** 2 + (cy[:, None] - cy[None]) ** 2)
+        s.slope = nn.Parameter(torch.tensor([-1.0, -1.0, 1.0, 1.0]) * a.distance_bias)
     def forward(s, feats, pre, post):  # feats (B, 64, F); pre/post (B, Tp)/(B, Tq) ids
+        occ = feats[:, :, -1]; feats = feats[:, :, :-1]
         img = s.proj(feats)
-        for l in s.mixer: img = l(img, None, 0.0, use_rope=False)
+        bias = s.slope[:, None, None] * s.d2 if a.distance_bias else None
+        selfmask = torch.diag(torch.full((G*G,), float("-inf"))).nan_to_num(0.0, neginf=float("-inf")) if a.no_self else 0.0
+        mmask = selfmask
+        if a.occupied_keys: mmask = mmask + torch.where(occ > 0, 0.0, float("-inf"))[:, None, None, :]
+        for l in s.mixer: img = l(img, None, mmask, use_rope=False, bias=bias, gated=a.gated_mixer)
         x = torch.cat([s.emb(pre), img, s.emb(post)], 1)
         npre, nimg, npost = pre.shape[1], img.shape[1], post.shape[1]
         pos = torch.cat([torch.arange(npre), torch.full((nimg,), npre), npre + 1 + torch.arange(npost)])

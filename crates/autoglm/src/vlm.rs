@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::LlavaConfig;
-use crate::fusion::attention::GatedCrossAttention;
+use crate::fusion::attention::{DistanceBias, GatedCrossAttention};
 use crate::fusion::projector::Projector;
 use crate::fusion::router::{Route, Router};
 use crate::io::weights::Safetensors;
@@ -48,6 +48,10 @@ pub struct Llava {
     /// Self-attention over each image's projected tokens
     /// (`image_self_attention.{i}`), with `image_self_attention_layers`.
     pub image_self: Vec<GatedCrossAttention>,
+    /// Each self-attention block's bias from how far apart two tokens sit
+    /// (`image_self_attention.{i}.distance_slope`), with
+    /// `image_self_attention_distance_slope`; empty without.
+    pub image_self_distance: Vec<DistanceBias>,
     /// Chooses each prompt's path (`router.*`), when the config asks for
     /// it.
     pub router: Option<Router>,
@@ -156,6 +160,19 @@ impl Llava {
                     )
                 })
                 .collect::<Result<_>>()?,
+            image_self_distance: match cfg.image_self_attention_distance_slope {
+                Some(init) => (0..cfg.image_self_attention_layers)
+                    .map(|i| {
+                        DistanceBias::new(
+                            root.pp("image_self_attention").pp(i),
+                            t.num_attention_heads,
+                            init,
+                            true,
+                        )
+                    })
+                    .collect::<Result<_>>()?,
+                None => Vec::new(),
+            },
             // A router that chooses before the tower reads the question's
             // mean embedding; one that chooses after it, the image's too.
             router: cfg
@@ -219,18 +236,41 @@ impl Llava {
     /// # Shapes
     /// `features`: (N, T, H_vision) → (N, T, H_lm)
     pub fn project(&self, features: &Tensor) -> Result<Tensor> {
-        self.mix_image_tokens(self.project_tokens(features)?)
+        let tokens = self.project_tokens(features)?;
+        if self.image_self_distance.is_empty() {
+            return self.mix_image_tokens(tokens, None);
+        }
+        let w = features.dim(D::Minus1)?;
+        if w < 2 {
+            return Err(Error::Invalid(format!(
+                "image_self_attention_distance_slope needs each token's (x, y) last, got {w} features per token"
+            )));
+        }
+        self.mix_image_tokens(tokens, Some(&features.narrow(D::Minus1, w - 2, 2)?))
     }
 
     /// The `image_self_attention` blocks on one batch of images' projected
-    /// tokens, each token attending to all of its own image's tokens.
+    /// tokens, each token attending to all of its own image's tokens;
+    /// with `image_self_attention_distance_slope`, biased by how far apart
+    /// the tokens sit (`coords`) and not to itself.
     ///
     /// # Shapes
-    /// `tokens`: (N, T, H_lm) → (N, T, H_lm)
-    pub fn mix_image_tokens(&self, tokens: Tensor) -> Result<Tensor> {
-        self.image_self
-            .iter()
-            .try_fold(tokens, |x, block| block.forward_self(&x))
+    /// `tokens`: (N, T, H_lm), `coords`: (N, T, 2) → (N, T, H_lm)
+    pub fn mix_image_tokens(&self, tokens: Tensor, coords: Option<&Tensor>) -> Result<Tensor> {
+        let mut x = tokens;
+        for (i, block) in self.image_self.iter().enumerate() {
+            let bias = match (self.image_self_distance.get(i), coords) {
+                (Some(d), Some(c)) => Some(d.forward(c)?),
+                (Some(_), None) => {
+                    return Err(Error::Invalid(
+                        "image_self_attention_distance_slope needs the tokens' (x, y); this path has none (vision_config.token_coords)".into(),
+                    ))
+                }
+                (None, _) => None,
+            };
+            x = block.forward_self(&x, bias.as_ref())?;
+        }
+        Ok(x)
     }
 
     fn project_tokens(&self, features: &Tensor) -> Result<Tensor> {
@@ -338,7 +378,7 @@ impl Llava {
     /// The light path's projector on its tower features.
     pub fn project_light(&self, features: &Tensor) -> Result<Tensor> {
         match &self.light_projector {
-            Some(p) => self.mix_image_tokens(p.forward(features)?),
+            Some(p) => self.mix_image_tokens(p.forward(features)?, None),
             None => self.project(features),
         }
     }

@@ -831,6 +831,36 @@ fn a_feature_stage_sets_the_token_grid() {
         let at = |k: usize| (2 * k + 1) as f32 / 8.0 - 1.0;
         assert_eq!(p, &vec![at(i % 8), at(i / 8)], "token {i}");
     }
+    // image_self_attention_distance_slope: the blocks read the tokens'
+    // (x, y). Its slopes start at the config's value, and once the
+    // attention gate is open they change the projected tokens.
+    let mut dist = with_coords(Some(4));
+    dist.image_self_attention_layers = 1;
+    dist.image_self_attention_distance_slope = Some(3.0);
+    assert!(dist.validate(path).is_ok());
+    let vm_dist = VarMap::new();
+    let biased = build(&vm_dist, &dist);
+    let slope = vm_dist.data().lock().unwrap()["image_self_attention.0.distance_slope"]
+        .as_tensor()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(slope, vec![3.0, 3.0]);
+    let closed = biased.project(&b).unwrap();
+    let set = |name: &str, v: &[f32]| {
+        vm_dist.data().lock().unwrap()[name]
+            .set(&Tensor::new(v, &Device::Cpu).unwrap())
+            .unwrap()
+    };
+    set("image_self_attention.0.attn_gate", &[0.5]);
+    let open = biased.project(&b).unwrap();
+    assert!(common::max_abs_diff(&open, &closed) > 1e-4);
+    set("image_self_attention.0.distance_slope", &[0.0, 0.0]);
+    let flat = biased.project(&b).unwrap();
+    let d = common::max_abs_diff(&open, &flat);
+    assert!(d > 1e-4, "the distance bias changed nothing: {d}");
+    dist.vision_config.token_coords = false;
+    let e = dist.validate(path).unwrap_err().to_string();
+    assert!(e.contains("image_self_attention_distance_slope"), "{e}");
     // low_level_stage: stage 2's 32 × 32 map pooled onto the 8 × 8 grid
     // sits between the channels and the coordinates.
     let mut low = with_coords(Some(4));
@@ -1285,6 +1315,14 @@ fn bad_training_configs_name_the_field() {
     check(
         serde_json::json!({"image_self_attention_layers": 1, "blind": true}),
         "image_self_attention_layers",
+    );
+    check(
+        serde_json::json!({"image_self_attention_distance_slope": 4.0}),
+        "image_self_attention_distance_slope",
+    );
+    check(
+        serde_json::json!({"image_self_attention_layers": 1, "image_self_attention_distance_slope": 4.0, "vision_token_coords": false}),
+        "image_self_attention_distance_slope",
     );
 }
 

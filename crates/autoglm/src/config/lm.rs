@@ -332,6 +332,14 @@ pub struct LlavaConfig {
     /// object's shape) before any question reads it. 0: none.
     #[serde(default)]
     pub image_self_attention_layers: usize,
+    /// Not in HF's config, with `image_self_attention_layers` and
+    /// `vision_config.token_coords`: each block's heads also score keys by
+    /// how far they sit from the query (`|p_i − p_j|²` times a learned
+    /// slope per head, `image_self_attention.{i}.distance_slope`, this its
+    /// start; half the heads prefer near tokens, half far ones), and a
+    /// token does not attend to itself. Absent: no such bias.
+    #[serde(default)]
+    pub image_self_attention_distance_slope: Option<f64>,
     /// Not in HF's config: a learned router (`router.*`) sends each prompt
     /// down a light path, decoding with only this many decoder layers
     /// (early exit), or the full one. Absent: always the full path.
@@ -410,6 +418,20 @@ impl LlavaConfig {
                     self.image_self_attention_layers
                 ),
             ));
+        }
+        if let Some(s) = self.image_self_attention_distance_slope {
+            if !s.is_finite() {
+                return Err(invalid(
+                    path,
+                    format!("image_self_attention_distance_slope {s} must be a finite number"),
+                ));
+            }
+            if self.image_self_attention_layers == 0 || !self.vision_config.token_coords {
+                return Err(invalid(
+                    path,
+                    "image_self_attention_distance_slope biases the image self-attention blocks by the tokens' (x, y): it needs image_self_attention_layers ≥ 1 and vision_config.token_coords".into(),
+                ));
+            }
         }
         if let Some(l) = self.router_light_layers {
             let n = self.text_config.num_hidden_layers;

@@ -188,6 +188,21 @@ impl CrossAttention {
         context: &Tensor,
         context_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let bias = context_mask.map(mask_bias).transpose()?;
+        self.forward_biased(x, context, bias.as_ref())
+    }
+
+    /// [`Self::forward`] with any additive bias on the scores in place of
+    /// a key mask.
+    ///
+    /// # Shapes
+    /// `bias`: broadcastable to (B, heads, T, S)
+    pub fn forward_biased(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (bc, s, _) = context.dims3()?;
         if bc != b {
@@ -203,8 +218,7 @@ impl CrossAttention {
         let q = split(self.q.forward(x)?, t)?;
         let k = split(self.k.forward(context)?, s)?;
         let v = split(self.v.forward(context)?, s)?;
-        let bias = context_mask.map(mask_bias).transpose()?;
-        let ctx = attend(&q, &k, &v, bias.as_ref(), self.top_k)?;
+        let ctx = attend(&q, &k, &v, bias, self.top_k)?;
         let ctx = ctx
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head_dim))?;
@@ -284,12 +298,16 @@ impl GatedCrossAttention {
     /// `image_dim == hidden` (otherwise the key projection's product
     /// fails with a shape error).
     ///
+    /// `bias` is added to the attention scores (e.g. a
+    /// [`DistanceBias`]).
+    ///
     /// # Shapes
-    /// `x`: (B, T, hidden) → (B, T, hidden)
-    pub fn forward_self(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x`: (B, T, hidden), `bias`: broadcastable to (B, heads, T, T) →
+    /// (B, T, hidden)
+    pub fn forward_self(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         use candle_nn::Module;
         let normed = self.norm_attn.forward(x)?;
-        let a = self.attn.forward(&normed, &normed, None)?;
+        let a = self.attn.forward_biased(&normed, &normed, bias)?;
         self.gated(x, &a)
     }
 
@@ -302,6 +320,74 @@ impl GatedCrossAttention {
             .forward_act(&self.norm_ff.forward(&x)?, Act::GeluErf)?;
         let f = self.fc2.forward(&h)?;
         Ok((&x + f.broadcast_mul(&self.ff_gate.tanh()?)?)?)
+    }
+}
+
+/// A learned bias on self-attention scores from how far apart two tokens
+/// sit: head h adds `σ_h · s_h · |p_i − p_j|²` to the score of query i on
+/// key j, where p are the tokens' (x, y), s_h ≥ 0 at the start is learned
+/// (`distance_slope`), and σ_h is −1 for the first half of the heads
+/// (they start out preferring near tokens) and +1 for the rest (far
+/// ones). With `exclude_self` a token does not attend to itself, so a
+/// near-preferring head reads its nearest other token.
+pub struct DistanceBias {
+    slope: Tensor,
+    sign: Tensor,
+    exclude_self: bool,
+}
+
+/// The weight name of [`DistanceBias`]'s slopes.
+pub const DISTANCE_SLOPE: &str = "distance_slope";
+
+impl DistanceBias {
+    /// `init`: every head's slope at the start (a logit difference of
+    /// `init · Δ(d²)` between two keys).
+    pub fn new(vb: VarBuilder, heads: usize, init: f64, exclude_self: bool) -> Result<Self> {
+        if heads == 0 {
+            return Err(Error::Invalid(
+                "a distance bias needs at least one head".into(),
+            ));
+        }
+        let near = heads.div_ceil(2);
+        let sign: Vec<f32> = (0..heads)
+            .map(|h| if h < near { -1.0 } else { 1.0 })
+            .collect();
+        Ok(Self {
+            slope: vb.get_with_hints(heads, DISTANCE_SLOPE, candle_nn::Init::Const(init))?,
+            sign: Tensor::from_vec(sign, heads, vb.device())?,
+            exclude_self,
+        })
+    }
+
+    /// # Shapes
+    /// `coords`: (B, T, 2), the tokens' (x, y) → (B, heads, T, T)
+    pub fn forward(&self, coords: &Tensor) -> Result<Tensor> {
+        let (_, t, two) = coords.dims3()?;
+        if two != 2 {
+            return Err(Error::Invalid(format!(
+                "a distance bias needs each token's (x, y), got {two} coordinates per token"
+            )));
+        }
+        let diff = coords.unsqueeze(2)?.broadcast_sub(&coords.unsqueeze(1)?)?;
+        let d2 = diff.sqr()?.sum(D::Minus1)?.unsqueeze(1)?; // (B, 1, T, T)
+        let h = self.slope.dim(0)?;
+        let per_head = (&self.slope * &self.sign)?.reshape((1, h, 1, 1))?;
+        let bias = d2.broadcast_mul(&per_head)?;
+        // A lone token keeps itself: it has nothing else to attend to.
+        if !self.exclude_self || t == 1 {
+            return Ok(bias);
+        }
+        let off: Vec<f32> = (0..t * t)
+            .map(|k| {
+                if k / t == k % t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let off = Tensor::from_vec(off, (t, t), bias.device())?;
+        Ok(bias.broadcast_add(&off)?)
     }
 }
 
@@ -500,7 +586,7 @@ mod tests {
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
         let block = GatedCrossAttention::new(vb, 8, 8, 2, None).unwrap();
         let x = rand(&[1, 4, 8], 20);
-        assert_eq!(vec3(&block.forward_self(&x).unwrap()), vec3(&x));
+        assert_eq!(vec3(&block.forward_self(&x, None).unwrap()), vec3(&x));
         let vars = vm.data().lock().unwrap();
         vars["attn_gate"]
             .set(&Tensor::new(&[0.5f32], &dev).unwrap())
@@ -517,7 +603,7 @@ mod tests {
         let normed = Tensor::new(normed, &dev).unwrap().unsqueeze(0).unwrap();
         let a = block.attn.forward(&normed, &normed, None).unwrap();
         let want = (&x + (a * 0.5f64.tanh()).unwrap()).unwrap();
-        let y = block.forward_self(&x).unwrap();
+        let y = block.forward_self(&x, None).unwrap();
         close(&vec3(&y)[0], &vec3(&want)[0]);
         // The last token changed: the first one's output changes.
         let mut rows = vec3(&x)[0].clone();
@@ -526,7 +612,7 @@ mod tests {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let y2 = block.forward_self(&x2).unwrap();
+        let y2 = block.forward_self(&x2, None).unwrap();
         let moved = vec3(&y)[0][0]
             .iter()
             .zip(&vec3(&y2)[0][0])
@@ -536,8 +622,96 @@ mod tests {
         // Reversed tokens, reversed outputs.
         rows.reverse();
         let x3 = Tensor::new(rows, &dev).unwrap().unsqueeze(0).unwrap();
-        let mut y3 = vec3(&block.forward_self(&x3).unwrap())[0].clone();
+        let mut y3 = vec3(&block.forward_self(&x3, None).unwrap())[0].clone();
         y3.reverse();
         close(&y3, &vec3(&y2)[0]);
+    }
+
+    /// The distance bias by hand: −s·d² on the near half of the heads,
+    /// +s·d² on the far half, −∞ on the diagonal. With a steep slope and
+    /// no content in the scores, a near head reads each token's nearest
+    /// other token and a far head its furthest.
+    #[test]
+    fn distance_bias_reads_the_nearest_and_the_furthest_other_token() {
+        let dev = Device::Cpu;
+        let pts = [(0.0f32, 0.0f32), (0.3, 0.0), (0.0, -0.5), (0.9, 0.9)];
+        let coords = Tensor::new(&pts.map(|(x, y)| [x, y]), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let bias = DistanceBias::new(vb, 2, 2.0, true).unwrap();
+        let b: Vec<Vec<Vec<f32>>> = bias
+            .forward(&coords)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec3()
+            .unwrap();
+        let d2 = |i: usize, j: usize| (pts[i].0 - pts[j].0).powi(2) + (pts[i].1 - pts[j].1).powi(2);
+        for i in 0..4 {
+            for j in 0..4 {
+                if i == j {
+                    assert!(b[0][i][j] == f32::NEG_INFINITY && b[1][i][j] == f32::NEG_INFINITY);
+                } else {
+                    assert!((b[0][i][j] + 2.0 * d2(i, j)).abs() < 1e-6);
+                    assert!((b[1][i][j] - 2.0 * d2(i, j)).abs() < 1e-6);
+                }
+            }
+        }
+        // Without the exclusion the diagonal is 0: the near heads' best.
+        let plain = DistanceBias::new(
+            VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev),
+            2,
+            2.0,
+            false,
+        )
+        .unwrap();
+        let p = plain
+            .forward(&coords)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        assert_eq!(p[0][2][2], 0f32);
+        // Slope 200: attention is all but a hard argmin / argmax. Values
+        // are one-hot token ids, so each output row names the token read.
+        let steep = DistanceBias::new(
+            VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev),
+            2,
+            200.0,
+            true,
+        )
+        .unwrap()
+        .forward(&coords)
+        .unwrap();
+        let q = Tensor::zeros((1, 2, 4, 3), DType::F32, &dev).unwrap();
+        let v = Tensor::eye(4, DType::F32, &dev)
+            .unwrap()
+            .reshape((1, 1, 4, 4))
+            .unwrap()
+            .repeat((1, 2, 1, 1))
+            .unwrap();
+        let out: Vec<Vec<Vec<f32>>> = attend(&q, &q, &v, Some(&steep), None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec3()
+            .unwrap();
+        for i in 0..4 {
+            let others = (0..4).filter(|&j| j != i);
+            let near = others
+                .clone()
+                .min_by(|&a, &c| d2(i, a).total_cmp(&d2(i, c)))
+                .unwrap();
+            let far = others
+                .max_by(|&a, &c| d2(i, a).total_cmp(&d2(i, c)))
+                .unwrap();
+            assert!(out[0][i][near] > 0.99, "token {i}: {:?}", out[0][i]);
+            assert!(out[1][i][far] > 0.99, "token {i}: {:?}", out[1][i]);
+        }
+        assert!(bias.forward(&coords.narrow(2, 0, 1).unwrap()).is_err());
     }
 }

@@ -169,6 +169,14 @@ pub struct VqaTrainConfig {
     /// so they may be added to a model given by `init_from`. 0: none.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub image_self_attention_layers: usize,
+    /// With `image_self_attention_layers` and `vision_token_coords`: the
+    /// blocks' heads also score keys by squared distance from the query,
+    /// times a learned slope per head starting here (half the heads
+    /// prefer near tokens, half far), and no token attends to itself
+    /// (`image_self_attention_distance_slope` in the model's config.json).
+    /// Absent: no such bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_self_attention_distance_slope: Option<f64>,
     /// Top-k sparse attention in the decoder and in a ViT tower: each query
     /// attends to its `k` highest-scoring keys. Absent: dense. Recorded in
     /// the model's `config.json` (`attention_top_k` of each tower).
@@ -458,6 +466,20 @@ impl VqaTrainConfig {
                     "image_self_attention_layers",
                     "a blind model has no image tokens to attend between; drop one of the two"
                         .into(),
+                );
+            }
+        }
+        if let Some(s) = self.image_self_attention_distance_slope {
+            if !s.is_finite() {
+                return bad(
+                    "image_self_attention_distance_slope",
+                    format!("{s} must be a finite number"),
+                );
+            }
+            if self.image_self_attention_layers == 0 || !self.vision_token_coords {
+                return bad(
+                    "image_self_attention_distance_slope",
+                    "it biases the image self-attention blocks by the tokens' (x, y): set image_self_attention_layers ≥ 1 and vision_token_coords, or drop it".into(),
                 );
             }
         }
@@ -945,6 +967,9 @@ fn llava_config(c: &VqaTrainConfig, vocab: usize) -> serde_json::Value {
     if c.image_self_attention_layers > 0 {
         cfg["image_self_attention_layers"] = c.image_self_attention_layers.into();
     }
+    if let Some(s) = c.image_self_attention_distance_slope {
+        cfg["image_self_attention_distance_slope"] = s.into();
+    }
     if c.image_tokens_share_position {
         cfg["image_tokens_share_position"] = true.into();
     }
@@ -1099,6 +1124,7 @@ pub fn train_vqa(
                 o.remove("router_light_image_size");
                 o.remove("router_light_tower_stage");
                 o.remove("image_self_attention_layers");
+                o.remove("image_self_attention_distance_slope");
             }
         }
         if theirs != ours {
@@ -1777,6 +1803,10 @@ pub fn init_weights(vm: &VarMap, seed: u64, std: Option<f64>) -> Result<()> {
             .rsplit('.')
             .next()
             .is_some_and(|s| s.starts_with("bias"));
+        // A distance bias's slopes keep the start its config chose.
+        if name.ends_with(crate::fusion::attention::DISTANCE_SLOPE) {
+            continue;
+        }
         let value = if name.ends_with(crate::text::lstm::FORGET_BIAS_NAME) {
             crate::text::lstm::forget_bias(t)?
         } else if is_bias || name.ends_with("_gate") || name.contains(crate::vlm::COORD_PRODUCTS) {
