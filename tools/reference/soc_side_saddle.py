@@ -46,6 +46,8 @@ p.add_argument("--gated-mixer", action="store_true",
                help="each mixer layer adds its attention and feed-forward through tanh gates starting at 0 (image_self_attention_layers)")
 p.add_argument("--occupied-keys", action="store_true",
                help="in the mixer layers, only cells that hold an object are keys (an oracle objectness mask)")
+p.add_argument("--aux-nearest", type=float, default=0.0,
+               help="add this weight times a loss on the mixer's output at every object's cell: a linear probe predicts its nearest and its furthest other object's shapes")
 p.add_argument("--no-self", action="store_true", help="in the mixer layers, a token does not attend to itself")
 p.add_argument("--attn-scale", type=float, default=1.0,
                help="multiply every attention logit by this (1: q.k / sqrt(d))")
@@ -69,7 +71,7 @@ held = [scene(rng) for _ in range(100)]
 
 def at(i): return (2*i + 1) / G - 1.0
 def features(objs):
-    f = torch.zeros(G*G, a.feat + 1)
+    f = torch.zeros(G*G, a.feat + 3)
     occ = torch.zeros(G*G)
     for c, x, y, circ in objs:
         cell = (y*G//SIZE)*G + x*G//SIZE
@@ -88,7 +90,11 @@ def features(objs):
         w = math.pi / 2 * 2 ** j
         for i, c in enumerate((xs, ys)):
             f[:, 24 + 4*j + 2*i] = (w * c).sin(); f[:, 25 + 4*j + 2*i] = (w * c).cos()
-    f[:, a.feat] = occ  # not a feature: the oracle mask's column, dropped before the projector
+    f[:, a.feat] = occ  # not features: the oracle mask and the probe's labels, dropped before the projector
+    for c, x, y, circ in objs:
+        d = {o[0]: (o[1]-x)**2 + (o[2]-y)**2 for o in objs if o[0] != c}
+        cell = (y*G//SIZE)*G + x*G//SIZE
+        f[cell, a.feat + 1] = float(objs[min(d, key=d.get)][3]); f[cell, a.feat + 2] = float(objs[max(d, key=d.get)][3])
     return f
 
 # vocabulary: template words + colours + answers
@@ -169,17 +175,19 @@ class Model(nn.Module):
         s.layers = nn.ModuleList([Layer() for _ in range(a.layers)])
         s.mixer = nn.ModuleList([Layer() for _ in range(a.mixer)])
         s.norm = RMS(H)
+        s.probe = nn.Linear(H, 4)
         cx = torch.tensor([at(k % G) for k in range(G*G)]); cy = torch.tensor([at(k // G) for k in range(G*G)])
         s.register_buffer("d2", (cx[:, None] - cx[None]) ** 2 + (cy[:, None] - cy[None]) ** 2)
         s.slope = nn.Parameter(torch.tensor([-1.0, -1.0, 1.0, 1.0]) * a.distance_bias)
     def forward(s, feats, pre, post):  # feats (B, 64, F); pre/post (B, Tp)/(B, Tq) ids
-        occ = feats[:, :, -1]; feats = feats[:, :, :-1]
+        occ = feats[:, :, a.feat]; s.labels = (occ, feats[:, :, a.feat + 1:]); feats = feats[:, :, :a.feat]
         img = s.proj(feats)
         bias = s.slope[:, None, None] * s.d2 if a.distance_bias else None
         selfmask = torch.diag(torch.full((G*G,), float("-inf"))).nan_to_num(0.0, neginf=float("-inf")) if a.no_self else 0.0
         mmask = selfmask
         if a.occupied_keys: mmask = mmask + torch.where(occ > 0, 0.0, float("-inf"))[:, None, None, :]
         for l in s.mixer: img = l(img, None, mmask, use_rope=False, bias=bias, gated=a.gated_mixer)
+        s.mixed = img
         x = torch.cat([s.emb(pre), img, s.emb(post)], 1)
         npre, nimg, npost = pre.shape[1], img.shape[1], post.shape[1]
         pos = torch.cat([torch.arange(npre), torch.full((nimg,), npre), npre + 1 + torch.arange(npost)])
@@ -240,8 +248,14 @@ for step in range(a.steps):
     f, pre, post, ans = batch(train, trainF, pairs, task)
     logits = m(f, pre, post)
     loss = F.cross_entropy(logits[:, -2:].reshape(-1, logits.shape[-1]), ans.reshape(-1))
+    if a.aux_nearest:
+        occ, lab = m.labels; keep = occ > 0
+        out = m.probe(m.mixed)[keep]; lab = lab[keep].long()
+        loss = loss + a.aux_nearest * (F.cross_entropy(out[:, :2], lab[:, 0]) + F.cross_entropy(out[:, 2:], lab[:, 1]))
+        probe_acc = ((out[:, :2].argmax(-1) == lab[:, 0]).float().mean().item(), (out[:, 2:].argmax(-1) == lab[:, 1]).float().mean().item())
     opt.zero_grad(); loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
     opt.step()
     if (step + 1) % a.eval_every == 0:
-        print(f"step {step+1} loss {loss.item():.3f} |g| {gn:.2f} held-out {evaluate()} ({time.time()-t0:.0f}s)", flush=True)
+        extra = f" probe near/far {probe_acc[0]*100:.0f}/{probe_acc[1]*100:.0f}% gates {[round(l.ga.item(), 3) for l in m.mixer]}" if a.aux_nearest else ""
+        print(f"step {step+1} loss {loss.item():.3f} |g| {gn:.2f} held-out {evaluate()}{extra} ({time.time()-t0:.0f}s)", flush=True)
