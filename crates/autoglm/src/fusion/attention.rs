@@ -642,13 +642,7 @@ mod tests {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
         let bias = DistanceBias::new(vb, 2, 2.0, true).unwrap();
-        let b: Vec<Vec<Vec<f32>>> = bias
-            .forward(&coords)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec3()
-            .unwrap();
+        let b = vec3(&bias.forward(&coords).unwrap().squeeze(0).unwrap());
         let d2 = |i: usize, j: usize| (pts[i].0 - pts[j].0).powi(2) + (pts[i].1 - pts[j].1).powi(2);
         for i in 0..4 {
             for j in 0..4 {
@@ -668,13 +662,7 @@ mod tests {
             false,
         )
         .unwrap();
-        let p = plain
-            .forward(&coords)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec3::<f32>()
-            .unwrap();
+        let p = vec3(&plain.forward(&coords).unwrap().squeeze(0).unwrap());
         assert_eq!(p[0][2][2], 0f32);
         // Slope 200: attention is all but a hard argmin / argmax. Values
         // are one-hot token ids, so each output row names the token read.
@@ -694,12 +682,12 @@ mod tests {
             .unwrap()
             .repeat((1, 2, 1, 1))
             .unwrap();
-        let out: Vec<Vec<Vec<f32>>> = attend(&q, &q, &v, Some(&steep), None)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec3()
-            .unwrap();
+        let out = vec3(
+            &attend(&q, &q, &v, Some(&steep), None)
+                .unwrap()
+                .squeeze(0)
+                .unwrap(),
+        );
         for i in 0..4 {
             let others = (0..4).filter(|&j| j != i);
             let near = others
