@@ -30,10 +30,12 @@ p.add_argument("--seed", type=int, default=0)
 p.add_argument("--layers", type=int, default=3)
 p.add_argument("--qk-norm", action="store_true")
 p.add_argument("--eval-every", type=int, default=250)
-p.add_argument("--task", default="side", choices=["side", "closest", "furthest", "relation", "shape", "mix"],
-               help="left/right, or the shape of the object closest to / furthest from the named one (relation: both; shape: the named one's; mix: shape, closest, furthest)")
+p.add_argument("--task", default="side", choices=["side", "closest", "furthest", "relation", "shape", "mix", "mix-colour"],
+               help="left/right, or the shape of the object closest to / furthest from the named one (relation: both; shape: the named one's; mix: shape, closest, furthest; mix-colour: those and the colour of the closest and of the furthest)")
 p.add_argument("--shape-steps", type=int, default=0,
                help="with --task mix: shape questions alone for this many steps first")
+p.add_argument("--colour-steps", type=int, default=0,
+               help="with --task mix-colour: after the shape steps, shape and the closest's and furthest's colours alone for this many steps")
 p.add_argument("--fourier", type=int, default=0,
                help="also sin, cos of every cell's x and y at pi/2, pi, 2pi, ... (vision_token_coord_fourier)")
 p.add_argument("--image-mask", default="causal", choices=["causal", "bidirectional"],
@@ -48,6 +50,12 @@ p.add_argument("--occupied-keys", action="store_true",
                help="in the mixer layers, only cells that hold an object are keys (an oracle objectness mask)")
 p.add_argument("--aux-nearest", type=float, default=0.0,
                help="add this weight times a loss on the mixer's output at every object's cell: a linear probe predicts its nearest and its furthest other object's shapes")
+p.add_argument("--neighbour-features", action="store_true",
+               help="an oracle: every object's cell also holds its nearest and its furthest other object's colour and shape, one-hot (channels 40-55)")
+p.add_argument("--aux-detach", action="store_true",
+               help="with --aux-nearest: the mixer reads the projected tokens detached and the probe reads only what the mixer adds, so the probe's loss trains the mixer alone")
+p.add_argument("--gate-init", type=float, default=0.0,
+               help="with --gated-mixer: the mixer's gates start here (gate_init)")
 p.add_argument("--no-self", action="store_true", help="in the mixer layers, a token does not attend to itself")
 p.add_argument("--attn-scale", type=float, default=1.0,
                help="multiply every attention logit by this (1: q.k / sqrt(d))")
@@ -94,13 +102,17 @@ def features(objs):
     for c, x, y, circ in objs:
         d = {o[0]: (o[1]-x)**2 + (o[2]-y)**2 for o in objs if o[0] != c}
         cell = (y*G//SIZE)*G + x*G//SIZE
-        f[cell, a.feat + 1] = float(objs[min(d, key=d.get)][3]); f[cell, a.feat + 2] = float(objs[max(d, key=d.get)][3])
+        near, far = objs[min(d, key=d.get)], objs[max(d, key=d.get)]
+        f[cell, a.feat + 1] = float(near[3]); f[cell, a.feat + 2] = float(far[3])
+        if a.neighbour_features:
+            for base, o in ((40, near), (48, far)):
+                f[cell, base + o[0]] = 1; f[cell, base + 6 + int(o[3])] = 1
     return f
 
 # vocabulary: template words + colours + answers
 words = ["<pad>", "<im_start>", "user", "\n", "<image>", "<im_end>", "assistant", "Is", "the", "object", "on",
          "left", "or", "right", "of", "image", "?", "What", "is", "shape", "square", "circle",
-         "red", "green", "blue", "orange", "gray", "yellow", "closest", "to", "furthest", "from"]
+         "red", "green", "blue", "orange", "gray", "yellow", "closest", "to", "furthest", "from", "colour"]
 V = {w: i for i, w in enumerate(words)}
 COL = ["red", "green", "blue", "orange", "gray", "yellow"]
 
@@ -111,10 +123,12 @@ def question(objs, c, task):
         q = ["What", "is", "the", "shape", "of", "the", COL[c], "object", "?"]
         return q, ("circle" if objs[c][3] else "square")
     if task != "side":
+        rel, _, attr = task.partition("-")
         d = {o[0]: (o[1]-objs[c][1])**2 + (o[2]-objs[c][2])**2 for o in objs if o[0] != c}
-        pick = (min if task == "closest" else max)(d, key=d.get)
-        link = ["closest", "to"] if task == "closest" else ["furthest", "from"]
-        q = ["What", "is", "the", "shape", "of", "the", "object"] + link + ["the", COL[c], "object", "?"]
+        pick = (min if rel == "closest" else max)(d, key=d.get)
+        link = ["closest", "to"] if rel == "closest" else ["furthest", "from"]
+        q = ["What", "is", "the", attr or "shape", "of", "the", "object"] + link + ["the", COL[c], "object", "?"]
+        if attr == "colour": return q, COL[pick]
         return q, ("circle" if objs[pick][3] else "square")
     q = ["Is", "the", COL[c], "object", "on", "the", "left", "or", "right", "of", "the", "image", "?"]
     return q, ("left" if objs[c][1] < SIZE // 2 else "right")
@@ -149,7 +163,7 @@ class Layer(nn.Module):
         s.o = nn.Linear(H, H, bias=False)
         s.g = nn.Linear(H, FF, bias=False); s.u = nn.Linear(H, FF, bias=False); s.d = nn.Linear(FF, H, bias=False)
         if a.qk_norm: s.qn, s.kn = RMS(HD), RMS(HD)
-        s.ga = nn.Parameter(torch.zeros(1)); s.gf = nn.Parameter(torch.zeros(1))
+        s.ga = nn.Parameter(torch.full((1,), a.gate_init)); s.gf = nn.Parameter(torch.full((1,), a.gate_init))
     def forward(s, x, pos, mask, use_rope=True, bias=None, gated=False):
         B, T, _ = x.shape
         h = s.n1(x)
@@ -186,8 +200,11 @@ class Model(nn.Module):
         selfmask = torch.diag(torch.full((G*G,), float("-inf"))).nan_to_num(0.0, neginf=float("-inf")) if a.no_self else 0.0
         mmask = selfmask
         if a.occupied_keys: mmask = mmask + torch.where(occ > 0, 0.0, float("-inf"))[:, None, None, :]
-        for l in s.mixer: img = l(img, None, mmask, use_rope=False, bias=bias, gated=a.gated_mixer)
-        s.mixed = img
+        base = img.detach() if a.aux_detach else img
+        mixed = base
+        for l in s.mixer: mixed = l(mixed, None, mmask, use_rope=False, bias=bias, gated=a.gated_mixer)
+        if a.aux_detach: s.mixed = mixed - base; img = img + s.mixed
+        else: s.mixed = img = mixed
         x = torch.cat([s.emb(pre), img, s.emb(post)], 1)
         npre, nimg, npost = pre.shape[1], img.shape[1], post.shape[1]
         pos = torch.cat([torch.arange(npre), torch.full((nimg,), npre), npre + 1 + torch.arange(npost)])
@@ -226,7 +243,9 @@ def batch(scenes, F_, idx_pairs, task):
 def evaluate():
     m.eval(); out = []
     with torch.no_grad():
-        for task in (["shape", "closest", "furthest"] if a.task == "mix" else [a.task]):
+        tasks = {"mix": ["shape", "closest", "furthest"],
+                 "mix-colour": ["shape", "closest", "furthest", "closest-colour", "furthest-colour"]}
+        for task in tasks.get(a.task, [a.task]):
             right = 0; n = 0
             pairs = [(i, c) for i in range(len(held)) for c in range(N)]
             for s in range(0, len(pairs), 64):
@@ -242,9 +261,11 @@ for step in range(a.steps):
     for g in opt.param_groups: g["lr"] = lr_at(step)
     imgs = [random.randrange(len(train)) for _ in range(a.batch // 4)]
     pairs = [(i, random.randrange(N)) for i in imgs for _ in range(4)]
-    if a.task != "mix": task = a.task
+    if not a.task.startswith("mix"): task = a.task
     elif step < a.shape_steps: task = "shape"
-    else: task = random.choice(["shape", "closest", "furthest"])
+    elif a.task == "mix": task = random.choice(["shape", "closest", "furthest"])
+    elif step < a.shape_steps + a.colour_steps: task = random.choice(["shape", "closest-colour", "furthest-colour"])
+    else: task = random.choice(["shape", "closest", "furthest", "closest-colour", "furthest-colour"])
     f, pre, post, ans = batch(train, trainF, pairs, task)
     logits = m(f, pre, post)
     loss = F.cross_entropy(logits[:, -2:].reshape(-1, logits.shape[-1]), ans.reshape(-1))

@@ -237,8 +237,31 @@ impl Llava {
     /// `features`: (N, T, H_vision) → (N, T, H_lm)
     pub fn project(&self, features: &Tensor) -> Result<Tensor> {
         let tokens = self.project_tokens(features)?;
+        self.mix_image_tokens(tokens, self.distance_coords(features)?.as_ref())
+    }
+
+    /// [`Self::project`] as two parts: the projected tokens plus `delta`,
+    /// what the image self-attention blocks add to them, computed from
+    /// the tokens detached. The sum is `project`'s output; a loss on
+    /// `delta` alone trains the blocks and leaves the projector to the
+    /// loss on the answers (the trainer's `neighbour_probe`).
+    ///
+    /// # Shapes
+    /// `features`: (N, T, H_vision) → (N, T, H_lm) twice: (tokens, delta)
+    pub fn project_with_mix(&self, features: &Tensor) -> Result<(Tensor, Tensor)> {
+        let tokens = self.project_tokens(features)?;
+        let base = tokens.detach();
+        let mixed =
+            self.mix_image_tokens(base.clone(), self.distance_coords(features)?.as_ref())?;
+        let delta = (mixed - base)?;
+        Ok(((tokens + &delta)?, delta))
+    }
+
+    /// The tokens' (x, y), the features' last two columns, when the image
+    /// self-attention blocks are biased by distance.
+    fn distance_coords(&self, features: &Tensor) -> Result<Option<Tensor>> {
         if self.image_self_distance.is_empty() {
-            return self.mix_image_tokens(tokens, None);
+            return Ok(None);
         }
         let w = features.dim(D::Minus1)?;
         if w < 2 {
@@ -246,7 +269,7 @@ impl Llava {
                 "image_self_attention_distance_slope needs each token's (x, y) last, got {w} features per token"
             )));
         }
-        self.mix_image_tokens(tokens, Some(&features.narrow(D::Minus1, w - 2, 2)?))
+        Ok(Some(features.narrow(D::Minus1, w - 2, 2)?))
     }
 
     /// The `image_self_attention` blocks on one batch of images' projected

@@ -858,6 +858,29 @@ fn a_feature_stage_sets_the_token_grid() {
     let flat = biased.project(&b).unwrap();
     let d = common::max_abs_diff(&open, &flat);
     assert!(d > 1e-4, "the distance bias changed nothing: {d}");
+    // project_with_mix: project's tokens, split into the projected tokens
+    // and what the blocks add, computed from the tokens detached: a loss
+    // on that part reaches the blocks and not the projector.
+    let (sum, delta) = biased.project_with_mix(&b).unwrap();
+    assert!(common::max_abs_diff(&sum, &flat) < 1e-6);
+    assert!(common::max_abs_diff(&delta, &delta.zeros_like().unwrap()) > 1e-4);
+    let var = |name: &str| vm_dist.data().lock().unwrap()[name].as_tensor().clone();
+    let projector = "multi_modal_projector.linear_1.weight";
+    let reaches = |t: &Tensor, name: &str| {
+        let g = t.sum_all().unwrap().backward().unwrap();
+        g.get(&var(name)).is_some_and(|g| {
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        })
+    };
+    assert!(reaches(&delta, "image_self_attention.0.attn_gate"));
+    assert!(!reaches(&delta, projector));
+    assert!(reaches(&sum, projector) && reaches(&flat, projector));
     dist.vision_config.token_coords = false;
     let e = dist.validate(path).unwrap_err().to_string();
     assert!(e.contains("image_self_attention_distance_slope"), "{e}");
@@ -1323,6 +1346,18 @@ fn bad_training_configs_name_the_field() {
     check(
         serde_json::json!({"image_self_attention_layers": 1, "image_self_attention_distance_slope": 4.0, "vision_token_coords": false}),
         "image_self_attention_distance_slope",
+    );
+    check(
+        serde_json::json!({"neighbour_probe": "scenes.jsonl"}),
+        "neighbour_probe",
+    );
+    check(
+        serde_json::json!({"neighbour_probe": "scenes.jsonl", "image_self_attention_layers": 1}),
+        "neighbour_probe",
+    );
+    check(
+        serde_json::json!({"neighbour_probe_weight": -1.0}),
+        "neighbour_probe_weight",
     );
 }
 

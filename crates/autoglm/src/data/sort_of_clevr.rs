@@ -185,6 +185,25 @@ pub fn ask(objects: &[Object], color: usize, kind: Kind) -> Question {
     }
 }
 
+/// For each object, the cell of a `g`×`g` grid over the image that holds
+/// its centre, and the shapes of its nearest and its furthest other object
+/// (ties to the first in colour order, as [`ask`] breaks them): the
+/// targets of the trainer's `neighbour_probe`.
+pub fn neighbour_targets(objects: &[Object], g: usize) -> Vec<(usize, Shape, Shape)> {
+    objects
+        .iter()
+        .map(|me| {
+            let cell = (me.y.max(0) as usize * g / SIZE as usize).min(g - 1) * g
+                + (me.x.max(0) as usize * g / SIZE as usize).min(g - 1);
+            let shape_of = |kind| match ask(objects, me.color, kind).answer.as_str() {
+                "circle" => Shape::Circle,
+                _ => Shape::Square,
+            };
+            (cell, shape_of(Kind::Closest), shape_of(Kind::Furthest))
+        })
+        .collect()
+}
+
 /// Scene `index` of the set drawn with `seed`: the same on every run and
 /// whatever order scenes are drawn in.
 pub fn scene(seed: u64, index: usize) -> Scene {
@@ -397,6 +416,22 @@ mod tests {
             q.text,
             "What is the shape of the object closest to the orange object?"
         );
+    }
+
+    #[test]
+    fn neighbour_targets_of_a_known_scene() {
+        use Shape::*;
+        let t = neighbour_targets(&known(), 8);
+        // Red (10, 10) is in cell (1, 1); its nearest is green (a circle),
+        // its furthest blue (a circle).
+        assert_eq!(t[0], (8 + 1, Circle, Circle));
+        // Gray (15, 50): row 50·8/75 = 5, column 1; nearest red (a square,
+        // ≈40.3 against green's ≈40.4), furthest yellow (≈54.1, a circle).
+        assert_eq!(t[4], (5 * 8 + 1, Square, Circle));
+        // Yellow (60, 20): row 2, column 6; furthest gray (a square).
+        assert_eq!(t[5].0, 2 * 8 + 6);
+        assert_eq!(t[5].2, Square);
+        assert_eq!(t.len(), OBJECTS);
     }
 
     #[test]

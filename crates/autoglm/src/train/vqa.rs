@@ -265,6 +265,20 @@ pub struct VqaTrainConfig {
     /// not these: evaluate it with the run's held-out accuracy only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oracle_scenes: Option<std::path::PathBuf>,
+    /// Sort-of-CLEVR, auxiliary supervision from this `scenes.jsonl`: a
+    /// linear probe on what the image self-attention blocks add to each
+    /// object's token (the cell that holds its centre) predicts the shapes
+    /// of its nearest and its furthest other object, and its cross-entropy
+    /// times `neighbour_probe_weight` joins the loss. The blocks read the
+    /// projected tokens detached, so the probe's loss trains the blocks
+    /// alone (`Llava::project_with_mix`); the probe is not saved. Needs
+    /// `image_self_attention_layers` ≥ 1, `efficientnet-lite0` with
+    /// `vision_token_coords`, `questions_per_image` > 1 and no augmentation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbour_probe: Option<std::path::PathBuf>,
+    /// The probe's loss weight, with `neighbour_probe`.
+    #[serde(default = "one_f64", skip_serializing_if = "is_one_f64")]
+    pub neighbour_probe_weight: f64,
     /// λ of the router's cost penalty: the full path is worth its extra
     /// cost where it lowers an example's loss by more than λ × the share
     /// of the cost it saves. The light path costs its share of the
@@ -298,6 +312,14 @@ pub struct CurriculumStage {
 
 fn is_zero<T: Default + PartialEq>(x: &T) -> bool {
     *x == T::default()
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+fn is_one_f64(x: &f64) -> bool {
+    *x == 1.0
 }
 
 fn is_one(x: &usize) -> bool {
@@ -607,6 +629,33 @@ impl VqaTrainConfig {
             if let Some(why) = why {
                 return bad("oracle_scenes", why.into());
             }
+        }
+        if self.neighbour_probe.is_some() {
+            let why = if self.image_self_attention_layers == 0 {
+                Some("probes what the image self-attention blocks add: set image_self_attention_layers ≥ 1")
+            } else if !effnet || !self.vision_token_coords {
+                Some("reads the objects' cells on the token grid: needs `efficientnet-lite0` and vision_token_coords")
+            } else if self.questions_per_image < 2 {
+                Some("runs with an image's questions trained together: set questions_per_image ≥ 2")
+            } else if self.augment {
+                Some("a flipped image's objects are elsewhere: set augment false")
+            } else if self.has_router() {
+                Some("the router's light paths are not probed; drop one of the two")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return bad("neighbour_probe", why.into());
+            }
+        }
+        if !(self.neighbour_probe_weight.is_finite() && self.neighbour_probe_weight >= 0.0) {
+            return bad(
+                "neighbour_probe_weight",
+                format!(
+                    "{} must be a finite number ≥ 0",
+                    self.neighbour_probe_weight
+                ),
+            );
         }
         if let Some(k) = self.router_light_tower_stage {
             let stages = EfficientNetConfig::lite0().stages.len();
@@ -1143,7 +1192,16 @@ pub fn train_vqa(
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     // The frozen EfficientNet's weights stay out of the VarMap: nothing
     // trains them, and they are added to the saved model at the end.
-    let (model, frozen_dir) = build_model(vb, &cfg, effnet, c.image_size)?;
+    let (model, frozen_dir) = build_model(vb.clone(), &cfg, effnet, c.image_size)?;
+    let probe = match &c.neighbour_probe {
+        Some(_) => Some(crate::nn::linear_b(
+            cfg.text_config.hidden_size,
+            4,
+            true,
+            vb.pp(NEIGHBOUR_PROBE),
+        )?),
+        None => None,
+    };
     init_weights(&vm, c.seed, c.init_std)?;
     if c.gate_init != 0.0 {
         set_gates(&vm, c.gate_init)?;
@@ -1159,7 +1217,8 @@ pub fn train_vqa(
         {
             let fresh = name.starts_with("router.")
                 || name.starts_with("light_projector.")
-                || name.starts_with("image_self_attention.");
+                || name.starts_with("image_self_attention.")
+                || name.starts_with(NEIGHBOUR_PROBE);
             if fresh && !saved.contains_key(name) {
                 saved.insert(name.clone(), var.as_tensor().copy()?);
             }
@@ -1204,6 +1263,35 @@ pub fn train_vqa(
             path.display()
         );
     }
+    // Each training image's objects: (cell, nearest's shape, furthest's).
+    let neighbours: HashMap<&Path, Vec<(u32, u32, u32)>> = match &c.neighbour_probe {
+        Some(path) => {
+            let scenes = crate::data::sort_of_clevr::read_scenes(path)?;
+            let g = (model.image_tokens() as f64).sqrt().round() as usize;
+            let mut out = HashMap::new();
+            for e in &train {
+                let objects = scenes.get(&e.image).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "training config: neighbour_probe: {} has no scene for {}; use the scenes.jsonl written beside the questions",
+                        path.display(),
+                        e.image.display()
+                    ))
+                })?;
+                let circle = |s: crate::data::sort_of_clevr::Shape| {
+                    u32::from(s == crate::data::sort_of_clevr::Shape::Circle)
+                };
+                out.insert(
+                    e.image.as_path(),
+                    crate::data::sort_of_clevr::neighbour_targets(objects, g)
+                        .into_iter()
+                        .map(|(cell, near, far)| (cell as u32, circle(near), circle(far)))
+                        .collect(),
+                );
+            }
+            out
+        }
+        None => HashMap::new(),
+    };
     let train_ids = train.iter().map(encode).collect::<Result<Vec<_>>>()?;
     let held_ids = held_out.iter().map(encode).collect::<Result<Vec<_>>>()?;
     let micro = c.batch_size / c.workers;
@@ -1241,8 +1329,34 @@ pub fn train_vqa(
             .iter()
             .map(|g| g.iter().map(|&i| &train_ids[i]).collect())
             .collect();
-        let (logits, targets) = shared_image_answer_logits(&model, &rows, px.as_ref())?;
-        Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+        let Some(probe) = &probe else {
+            let (logits, targets) = shared_image_answer_logits(&model, &rows, px.as_ref())?;
+            return Ok(candle_nn::loss::cross_entropy(&logits, &targets)?);
+        };
+        let Images::VisionFeatures(f) = px.as_ref() else {
+            return Err(Error::Invalid(
+                "neighbour_probe needs the frozen tower's features".into(),
+            ));
+        };
+        let (tokens, delta) = model.project_with_mix(f)?;
+        let (logits, targets) =
+            shared_image_answer_logits(&model, &rows, Images::Projected(&tokens))?;
+        let answers = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        let objects: Vec<&[(u32, u32, u32)]> = groups
+            .iter()
+            .map(|g| neighbours[train[g[0]].image.as_path()].as_slice())
+            .collect();
+        let (aux, right) = neighbour_probe_loss(probe, &delta, &objects)?;
+        if part == 0 && c.eval_every > 0 && (step + 1) % c.eval_every == 0 {
+            tracing::info!(
+                "step {}: neighbour probe loss {:.4}, nearest {:.1} %, furthest {:.1} % on this batch",
+                step + 1,
+                aux.to_scalar::<f32>()?,
+                100.0 * right.0,
+                100.0 * right.1
+            );
+        }
+        Ok((answers + (aux * c.neighbour_probe_weight)?)?)
     };
     let loss = |step: usize, part: usize| -> Result<Tensor> {
         if q > 1 {
@@ -1385,6 +1499,7 @@ fn save_weights(
     out: &Path,
 ) -> Result<HashMap<String, Tensor>> {
     let mut all = super::varmap_tensors(vm)?;
+    all.retain(|n, _| !n.starts_with(NEIGHBOUR_PROBE));
     if let Some(dir) = frozen_dir {
         let path = dir.join("model.safetensors");
         for (n, t) in candle_core::safetensors::load(path, &Device::Cpu)? {
@@ -1395,6 +1510,69 @@ fn save_weights(
     }
     super::save_safetensors_atomic(&out.join("model.safetensors"), &all)?;
     Ok(all)
+}
+
+/// Weight names of the trainer's neighbour probe (not saved with the model).
+const NEIGHBOUR_PROBE: &str = "neighbour_probe";
+
+/// The neighbour probe's loss: at each object's cell, `probe` reads what
+/// the image self-attention blocks added (`delta`) and predicts whether its
+/// nearest other object is a circle (outputs 0, 1) and whether its furthest
+/// is (2, 3); the two cross-entropies are summed. Also each's accuracy.
+///
+/// # Shapes
+/// `delta`: (N, T, H); `objects[n]`: image n's (cell, nearest, furthest),
+/// each shape 1 for a circle
+pub fn neighbour_probe_loss(
+    probe: &crate::nn::Linear,
+    delta: &Tensor,
+    objects: &[&[(u32, u32, u32)]],
+) -> Result<(Tensor, (f64, f64))> {
+    let (n, t, h) = delta.dims3()?;
+    if objects.len() != n
+        || objects
+            .iter()
+            .flat_map(|o| o.iter())
+            .any(|o| o.0 as usize >= t)
+    {
+        return Err(Error::Invalid(format!(
+            "neighbour probe: {n} images of {t} tokens, got objects for {} images (or a cell past the grid)",
+            objects.len()
+        )));
+    }
+    let mut cells = Vec::new();
+    let (mut near, mut far) = (Vec::new(), Vec::new());
+    for (i, objs) in objects.iter().enumerate() {
+        for &(cell, a, b) in *objs {
+            cells.push(i as u32 * t as u32 + cell);
+            near.push(a);
+            far.push(b);
+        }
+    }
+    let dev = delta.device();
+    let rows = delta
+        .reshape((n * t, h))?
+        .index_select(&Tensor::new(cells.as_slice(), dev)?, 0)?;
+    let out = probe.forward(&rows)?;
+    let mut loss = None;
+    let mut right = [0.0; 2];
+    for (k, want) in [near, far].into_iter().enumerate() {
+        let logits = out.narrow(1, 2 * k, 2)?;
+        let want = Tensor::new(want.as_slice(), dev)?;
+        let ce = candle_nn::loss::cross_entropy(&logits, &want)?;
+        let hits = logits
+            .argmax(1)?
+            .eq(&want)?
+            .to_dtype(DType::F32)?
+            .mean_all()?;
+        right[k] = f64::from(hits.to_scalar::<f32>()?);
+        loss = Some(match loss {
+            None => ce,
+            Some(l) => (l + ce)?,
+        });
+    }
+    let loss = loss.ok_or_else(|| Error::Invalid("neighbour probe: no objects".into()))?;
+    Ok((loss, (right[0], right[1])))
 }
 
 /// The prompt ids (image expanded) and the answer ids (ending with the end
@@ -1834,6 +2012,46 @@ mod tests {
     /// Each row's mean token cross-entropy, by hand: row 0 has two answer
     /// tokens, row 1 one; the mean over rows of one token each is candle's
     /// cross-entropy.
+    /// The probe reads each object's own cell: two images of 4 tokens,
+    /// a probe whose outputs are (a, −a, b, −b) for a cell holding (a, b),
+    /// and the cross-entropies worked out by hand.
+    #[test]
+    fn neighbour_probe_loss_reads_each_objects_cell() {
+        use candle_nn::VarBuilder;
+        let dev = Device::Cpu;
+        let vm = candle_nn::VarMap::new();
+        let probe = crate::nn::linear_b(2, 4, true, VarBuilder::from_varmap(&vm, DType::F32, &dev))
+            .unwrap();
+        let w = [1.0f32, 0.0, -1.0, 0.0, 0.0, 1.0, 0.0, -1.0];
+        vm.data().lock().unwrap()["weight"]
+            .set(&Tensor::from_slice(&w, (4, 2), &dev).unwrap())
+            .unwrap();
+        vm.data().lock().unwrap()["bias"]
+            .set(&Tensor::zeros(4, DType::F32, &dev).unwrap())
+            .unwrap();
+        let mut d = vec![0f32; 2 * 4 * 2];
+        // Image 1, cell 2 holds (a, b) = (1, −2); image 0, cell 3 (0.5, 0).
+        d[(4 + 2) * 2] = 1.0;
+        d[(4 + 2) * 2 + 1] = -2.0;
+        d[3 * 2] = 0.5;
+        let delta = Tensor::from_vec(d, (2, 4, 2), &dev).unwrap();
+        // Image 0's object: nearest a circle (1), furthest a square (0);
+        // image 1's: nearest a square, furthest a circle.
+        let objects: [&[(u32, u32, u32)]; 2] = [&[(3, 1, 0)], &[(2, 0, 1)]];
+        let (loss, right) = neighbour_probe_loss(&probe, &delta, &objects).unwrap();
+        // Outputs (x, −x): −log softmax is log(1 + e^{∓2x}) for class 0 / 1.
+        let ce = |x: f64, class: u32| (1.0 + (if class == 0 { -2.0 } else { 2.0 } * x).exp()).ln();
+        let near = (ce(0.5, 1) + ce(1.0, 0)) / 2.0;
+        let far = (ce(0.0, 0) + ce(-2.0, 1)) / 2.0;
+        let got = f64::from(loss.to_scalar::<f32>().unwrap());
+        assert!((got - (near + far)).abs() < 1e-5, "{got} vs {}", near + far);
+        // Nearest: image 0 says 0 (wrong), image 1 says 0 (right); furthest:
+        // image 0 ties (argmax 0, right), image 1 says 1 (right).
+        assert_eq!(right, (0.5, 1.0));
+        let e = neighbour_probe_loss(&probe, &delta, &[&[(4, 0, 0)], &[]]).unwrap_err();
+        assert!(e.to_string().contains("past the grid"), "{e}");
+    }
+
     #[test]
     fn per_example_loss_averages_each_rows_tokens() {
         let dev = Device::Cpu;
