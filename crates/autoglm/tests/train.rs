@@ -1361,6 +1361,77 @@ fn bad_training_configs_name_the_field() {
     );
 }
 
+/// `neighbour_probe` end to end on a few Sort-of-CLEVR scenes: the run
+/// trains, each eval line scores the probe on every object of the held-out
+/// images, and the saved model leaves the probe out.
+#[test]
+fn neighbour_probe_trains_and_scores_the_held_out_objects() {
+    use autoglm::data::sort_of_clevr::{render, scene, COLORS};
+    use autoglm::train::vqa::{train_vqa, VqaTrainConfig};
+    let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir(data.path().join("images")).unwrap();
+    let (mut rows, mut scenes) = (String::new(), String::new());
+    // 20 images: held_out_images takes at most a tenth.
+    for i in 0..20 {
+        let s = scene(7, i);
+        let image = format!("images/{i:05}.png");
+        render(&s.objects).save(data.path().join(&image)).unwrap();
+        for q in &s.questions {
+            rows += &(serde_json::json!({"image": image, "question": q.text, "answer": q.answer,
+                "type": q.kind.name()})
+            .to_string()
+                + "\n");
+        }
+        let objects: Vec<_> = s
+            .objects
+            .iter()
+            .map(|o| serde_json::json!({"color": COLORS[o.color].0, "x": o.x, "y": o.y, "shape": o.shape.name()}))
+            .collect();
+        scenes += &(serde_json::json!({"image": image, "split": "train", "objects": objects})
+            .to_string()
+            + "\n");
+    }
+    for f in ["train.jsonl", "test.jsonl"] {
+        std::fs::write(data.path().join(f), &rows).unwrap();
+    }
+    std::fs::write(data.path().join("scenes.jsonl"), &scenes).unwrap();
+    let at = |f: &str| data.path().join(f).to_str().unwrap().to_string();
+    let cfg: VqaTrainConfig = serde_json::from_value(serde_json::json!({
+        "data": {"kind": "jsonl", "train": at("train.jsonl"), "test": at("test.jsonl")},
+        "vision": "efficientnet-lite0", "image_size": 64, "vision_feature_stage": 4,
+        "vision_token_coords": true, "projector": "mlp", "text_hidden": 32, "text_layers": 1,
+        "text_heads": 2, "text_kv_heads": 1, "vocab_size": 262, "steps": 2, "batch_size": 4,
+        "peak_lr": 1e-3, "warmup_steps": 1, "clip_norm": 1.0, "seed": 0, "eval_every": 2,
+        "held_out_images": 2, "augment": false, "questions_per_image": 2, "image_self_attention_layers": 1,
+        "neighbour_probe": at("scenes.jsonl")
+    }))
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    train_vqa(&cfg, out.path(), false, &mut |_| {}).unwrap();
+    let evals: Vec<serde_json::Value> = std::fs::read_to_string(out.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|l| l.get("eval").cloned())
+        .collect();
+    assert_eq!(evals.len(), 1);
+    let p = &evals[0]["neighbour_probe"];
+    // Two held-out images of six objects, each scored once.
+    assert_eq!(p["objects"], 12, "{p}");
+    for k in ["nearest", "furthest"] {
+        let v = p[k].as_f64().unwrap();
+        let hits = v * 12.0;
+        assert!(
+            (0.0..=1.0).contains(&v) && (hits - hits.round()).abs() < 1e-6,
+            "{k}: {v} is not a share of 12 objects"
+        );
+    }
+    let w =
+        candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(w.keys().any(|k| k.starts_with("image_self_attention.")));
+    assert!(!w.keys().any(|k| k.starts_with("neighbour_probe")));
+}
+
 /// With `image_tokens_share_position`, `ask`'s path (the prompt's prefill,
 /// then one token at a time from the KV cache) and training's (the whole
 /// row at once) give the same logits: greedy decoding's tokens are the

@@ -1263,13 +1263,14 @@ pub fn train_vqa(
             path.display()
         );
     }
-    // Each training image's objects: (cell, nearest's shape, furthest's).
+    // Each training and held-out image's objects: (cell, nearest's shape,
+    // furthest's).
     let neighbours: HashMap<&Path, Vec<(u32, u32, u32)>> = match &c.neighbour_probe {
         Some(path) => {
             let scenes = crate::data::sort_of_clevr::read_scenes(path)?;
             let g = (model.image_tokens() as f64).sqrt().round() as usize;
             let mut out = HashMap::new();
-            for e in &train {
+            for e in train.iter().chain(&held_out) {
                 let objects = scenes.get(&e.image).ok_or_else(|| {
                     Error::Invalid(format!(
                         "training config: neighbour_probe: {} has no scene for {}; use the scenes.jsonl written beside the questions",
@@ -1406,6 +1407,37 @@ pub fn train_vqa(
         let (logits, targets) = answer_logits(&model, &rows, px.as_ref())?;
         Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
     };
+    // The probe on the held-out images (each once): what the blocks learned
+    // of the neighbours, beside the answers' held-out accuracy.
+    let held_out_probe = |probe: &crate::nn::Linear| -> Result<serde_json::Value> {
+        let mut seen = std::collections::HashSet::new();
+        let distinct: Vec<&std::path::PathBuf> = held_out
+            .iter()
+            .map(|e| &e.image)
+            .filter(|p| seen.insert(*p))
+            .collect();
+        let (mut objects, mut near, mut far) = (0usize, 0.0, 0.0);
+        for chunk in distinct.chunks(32) {
+            let px = images.batch(chunk.iter().copied(), &vec![0; chunk.len()])?;
+            let Images::VisionFeatures(f) = px.as_ref() else {
+                return Err(Error::Invalid(
+                    "neighbour_probe needs the frozen tower's features".into(),
+                ));
+            };
+            let (_, delta) = model.project_with_mix(f)?;
+            let objs: Vec<&[(u32, u32, u32)]> = chunk
+                .iter()
+                .map(|p| neighbours[p.as_path()].as_slice())
+                .collect();
+            let n = objs.iter().map(|o| o.len()).sum::<usize>();
+            let (_, right) = neighbour_probe_loss(probe, &delta, &objs)?;
+            objects += n;
+            near += right.0 * n as f64;
+            far += right.1 * n as f64;
+        }
+        let m = objects.max(1) as f64;
+        Ok(serde_json::json!({"nearest": near / m, "furthest": far / m, "objects": objects}))
+    };
     let mut eval = |_step: usize| -> Result<serde_json::Value> {
         let mut correct = 0;
         // kind → (examples, correct)
@@ -1440,11 +1472,16 @@ pub fn train_vqa(
             .iter()
             .map(|(k, (n, c))| (k.to_string(), (*c as f64 / *n as f64).into()))
             .collect();
-        Ok(serde_json::json!({
+        let mut v = serde_json::json!({
             "held_out_accuracy": correct as f64 / held_ids.len().max(1) as f64,
             "examples": held_ids.len(),
             "per_kind": per_kind,
-        }))
+        });
+        match &probe {
+            Some(probe) if !held_out.is_empty() => v["neighbour_probe"] = held_out_probe(probe)?,
+            _ => {}
+        }
+        Ok(v)
     };
     trainer.run(&vm, &loss, &mut eval, on_step)?;
     if let Err(e) = super::plot::plot_metrics(out) {
