@@ -34,6 +34,19 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Whether `grads` holds a gradient for `t` with any non-zero entry.
+pub fn has_gradient(grads: &candle_core::backprop::GradStore, t: &Tensor) -> bool {
+    grads.get(t).is_some_and(|g| {
+        g.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    })
+}
+
 /// Cosine similarity of two 1-D tensors.
 pub fn cosine(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.to_vec1::<f32>().unwrap();
