@@ -33,6 +33,16 @@ pub enum VisionTower {
 /// `token_coord_products_linear` adds; it starts at 0.
 pub const COORD_PRODUCTS: &str = "coord_products";
 
+/// One self-attention block over an image's projected tokens
+/// (`image_self_attention.{i}`).
+pub struct ImageSelfBlock {
+    pub attn: GatedCrossAttention,
+    /// The bias from how far apart two tokens sit
+    /// (`image_self_attention.{i}.distance_slope`), with
+    /// `image_self_attention_distance_slope`.
+    pub distance: Option<DistanceBias>,
+}
+
 pub struct Llava {
     pub vision: VisionTower,
     pub projector: Projector,
@@ -47,11 +57,7 @@ pub struct Llava {
     pub image_text: Option<GatedCrossAttention>,
     /// Self-attention over each image's projected tokens
     /// (`image_self_attention.{i}`), with `image_self_attention_layers`.
-    pub image_self: Vec<GatedCrossAttention>,
-    /// Each self-attention block's bias from how far apart two tokens sit
-    /// (`image_self_attention.{i}.distance_slope`), with
-    /// `image_self_attention_distance_slope`; empty without.
-    pub image_self_distance: Vec<DistanceBias>,
+    pub image_self: Vec<ImageSelfBlock>,
     /// Chooses each prompt's path (`router.*`), when the config asks for
     /// it.
     pub router: Option<Router>,
@@ -151,28 +157,22 @@ impl Llava {
                 .transpose()?,
             image_self: (0..cfg.image_self_attention_layers)
                 .map(|i| {
-                    GatedCrossAttention::new(
-                        root.pp("image_self_attention").pp(i),
-                        t.hidden_size,
-                        t.hidden_size,
-                        t.num_attention_heads,
-                        None,
-                    )
+                    let vb = root.pp("image_self_attention").pp(i);
+                    Ok(ImageSelfBlock {
+                        attn: GatedCrossAttention::new(
+                            vb.clone(),
+                            t.hidden_size,
+                            t.hidden_size,
+                            t.num_attention_heads,
+                            None,
+                        )?,
+                        distance: cfg
+                            .image_self_attention_distance_slope
+                            .map(|init| DistanceBias::new(vb, t.num_attention_heads, init, true))
+                            .transpose()?,
+                    })
                 })
                 .collect::<Result<_>>()?,
-            image_self_distance: match cfg.image_self_attention_distance_slope {
-                Some(init) => (0..cfg.image_self_attention_layers)
-                    .map(|i| {
-                        DistanceBias::new(
-                            root.pp("image_self_attention").pp(i),
-                            t.num_attention_heads,
-                            init,
-                            true,
-                        )
-                    })
-                    .collect::<Result<_>>()?,
-                None => Vec::new(),
-            },
             // A router that chooses before the tower reads the question's
             // mean embedding; one that chooses after it, the image's too.
             router: cfg
@@ -260,7 +260,7 @@ impl Llava {
     /// The tokens' (x, y), the features' last two columns, when the image
     /// self-attention blocks are biased by distance.
     fn distance_coords(&self, features: &Tensor) -> Result<Option<Tensor>> {
-        if self.image_self_distance.is_empty() {
+        if self.image_self.iter().all(|b| b.distance.is_none()) {
             return Ok(None);
         }
         let w = features.dim(D::Minus1)?;
@@ -281,8 +281,8 @@ impl Llava {
     /// `tokens`: (N, T, H_lm), `coords`: (N, T, 2) → (N, T, H_lm)
     pub fn mix_image_tokens(&self, tokens: Tensor, coords: Option<&Tensor>) -> Result<Tensor> {
         let mut x = tokens;
-        for (i, block) in self.image_self.iter().enumerate() {
-            let bias = match (self.image_self_distance.get(i), coords) {
+        for block in &self.image_self {
+            let bias = match (&block.distance, coords) {
                 (Some(d), Some(c)) => Some(d.forward(c)?),
                 (Some(_), None) => {
                     return Err(Error::Invalid(
@@ -291,7 +291,7 @@ impl Llava {
                 }
                 (None, _) => None,
             };
-            x = block.forward_self(&x, bias.as_ref())?;
+            x = block.attn.forward_self(&x, bias.as_ref())?;
         }
         Ok(x)
     }
